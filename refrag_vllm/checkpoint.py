@@ -1,0 +1,115 @@
+"""Assemble a REFRAG checkpoint directory from a Llama decoder and a BERT-like encoder.
+
+Layout (one Hugging Face-style folder, served by ``vllm serve DIR`` as is)::
+
+    config.json               Llama fields + architectures + "refrag": {...}
+    model.safetensors         decoder, chunk_encoder, projector (+ expansion_policy)
+    tokenizer*.json           decoder tokenizer with the placeholder token added
+    encoder_tokenizer/        encoder tokenizer
+    generation_config.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import (
+    ARCHITECTURE,
+    ENCODER_TOKENIZER_DIR,
+    PLACEHOLDER_TOKEN,
+    ProjectorConfig,
+    RefragConfig,
+)
+
+
+def encoder_config_dict(encoder_model) -> dict:
+    """The encoder's HF config as a plain dict (diff-free of transformers' defaults)."""
+    d = encoder_model.config.to_dict()
+    for key in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        d.pop(key, None)
+    return d
+
+
+def add_placeholder_token(tokenizer) -> int:
+    """Add REFRAG's placeholder as a special token; return its id."""
+    if PLACEHOLDER_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [PLACEHOLDER_TOKEN]})
+    return int(tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKEN))
+
+
+def assemble_checkpoint(
+    out_dir: str | Path,
+    decoder,
+    decoder_tokenizer,
+    encoder,
+    encoder_tokenizer,
+    *,
+    chunk_size: int = 16,
+    encoder_pooling: str = "mean",
+    encoder_max_tokens: int | None = None,
+    max_chunks_per_item: int = 256,
+    weights: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a checkpoint; returns its path.
+
+    ``decoder`` is a transformers ``LlamaForCausalLM`` and ``encoder`` a transformers
+    encoder model (``BertModel``, ``RobertaModel``...).  ``weights`` (from a training
+    run) overrides any tensor by checkpoint name, e.g. ``projector.fc1.weight``.
+    """
+    from .reference import RefragReferenceModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    placeholder_id = add_placeholder_token(decoder_tokenizer)
+    enc_cfg = encoder_config_dict(encoder)
+    hidden = int(decoder.config.hidden_size)
+    if encoder_max_tokens is None:
+        encoder_max_tokens = min(8 * chunk_size, int(enc_cfg.get("max_position_embeddings", 512)))
+    trained = bool(weights) and any(k.startswith("projector.") for k in weights)
+    cfg = RefragConfig(
+        chunk_size=chunk_size,
+        placeholder_token=PLACEHOLDER_TOKEN,
+        placeholder_token_id=placeholder_id,
+        encoder=enc_cfg,
+        projector=ProjectorConfig(in_dim=int(enc_cfg["hidden_size"]), hidden_dim=hidden, out_dim=hidden),
+        encoder_pooling=encoder_pooling,
+        encoder_max_tokens=encoder_max_tokens,
+        max_chunks_per_item=max_chunks_per_item,
+        projector_initialised="trained" if trained else "random",
+    )
+    config = decoder.config.__class__.from_dict(decoder.config.to_dict())
+    config.architectures = [ARCHITECTURE]
+    config.refrag = cfg.to_dict()
+    dtype = dtype or decoder.dtype
+    torch.manual_seed(seed)
+    model = RefragReferenceModel(config)
+    state = {}
+    state.update(decoder.state_dict())
+    state.update({f"chunk_encoder.model.{k}": v for k, v in encoder.state_dict().items()})
+    state.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+    if weights:
+        unknown = set(weights) - set(model.state_dict())
+        if unknown:
+            raise ValueError(f"--weights has tensors the model does not: {sorted(unknown)[:5]}...")
+        state.update(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    unexpected = [u for u in unexpected if not u.startswith("chunk_encoder.model.pooler.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint assembly: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(out)
+    decoder_tokenizer.save_pretrained(out)
+    encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
+    # save_pretrained may rewrite architectures from the class name; pin it.
+    cfg_path = out / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["architectures"] = [ARCHITECTURE]
+    cfg_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return out

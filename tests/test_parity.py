@@ -1,0 +1,109 @@
+"""vLLM RefragLlamaForCausalLM == PyTorch reference, greedy tokens and logprobs.
+
+One engine for the module (prefix caching on, the vLLM default)."""
+
+import pytest
+import torch
+
+from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
+from refrag_vllm import CompressedChunks, Passage
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    llm = make_llm(tiny_ckpt, enable_prefix_caching=True)
+    yield llm
+    shutdown_llm(llm)
+
+
+def test_raw_chunks(llm, builder, reference):
+    prompt = builder.build(QUESTION, PASSAGES)
+    expanded = builder.build(QUESTION, PASSAGES, expand=[range(len(builder.chunk_passage(p))) for p in PASSAGES])
+    assert "multi_modal_data" not in expanded
+    n_chunks = sum(len(builder.chunk_passage(p)) for p in PASSAGES)
+    # Each compressed chunk saves (its tokens - 1) positions.
+    assert builder.num_positions(prompt) == len(expanded["prompt_token_ids"]) - sum(
+        len(c) - 1 for p in PASSAGES for c in builder.chunk_passage(p))
+    assert n_chunks >= 6
+    assert_matches_reference(reference, prompt, greedy(llm, [prompt])[0])
+
+
+def _chunk_texts(builder, passage):
+    return [builder.tokenizer.decode(c) for c in builder.chunk_passage(passage)]
+
+
+def test_precomputed_encoder_vectors(llm, builder, reference):
+    with torch.no_grad():
+        encs = [reference.encode_texts(_chunk_texts(builder, p)) for p in PASSAGES]
+    prompt = builder.build(QUESTION, [CompressedChunks.from_encoder_embeds(e) for e in encs])
+    result = greedy(llm, [prompt])[0]
+    assert_matches_reference(reference, prompt, result)
+    # Same chunks as raw text give the same output.
+    text_result = greedy(llm, [builder.build(QUESTION, PASSAGES)])[0]
+    assert result[0] == text_result[0]
+    assert max(abs(a - b) for a, b in zip(result[1], text_result[1])) < 1e-4
+
+
+def test_precomputed_projected_vectors(llm, builder, reference):
+    with torch.no_grad():
+        proj = [reference.project_item(CompressedChunks.from_texts(_chunk_texts(builder, p))) for p in PASSAGES]
+    prompt = builder.build(QUESTION, [CompressedChunks.from_projected_embeds(e) for e in proj])
+    result = greedy(llm, [prompt])[0]
+    assert_matches_reference(reference, prompt, result)
+    text_result = greedy(llm, [builder.build(QUESTION, PASSAGES)])[0]
+    assert result[0] == text_result[0]
+
+
+def test_mixed_expanded_and_compressed(llm, builder, reference):
+    prompt = builder.build(QUESTION, PASSAGES, expand=[[1], [0, 2], []])
+    n_items = len(prompt["multi_modal_data"]["refrag_chunk"])
+    assert n_items == 5  # [0] [2..] | [1] [3..] | [0..]
+    result = greedy(llm, [prompt])[0]
+    assert_matches_reference(reference, prompt, result)
+
+
+def test_kinds_interleaved_in_one_prompt(llm, builder, reference):
+    with torch.no_grad():
+        enc = reference.encode_texts(_chunk_texts(builder, PASSAGES[1]))
+        proj = reference.project_item(CompressedChunks.from_texts(_chunk_texts(builder, PASSAGES[2])))
+    passages = [Passage(text=PASSAGES[0], expand=(1,)), CompressedChunks.from_encoder_embeds(enc),
+                CompressedChunks.from_projected_embeds(proj)]
+    prompt = builder.build(QUESTION, passages)
+    assert_matches_reference(reference, prompt, greedy(llm, [prompt])[0])
+
+
+def test_prefix_cache_hit_is_content_sensitive(llm, builder, reference):
+    passages = [" ".join(PASSAGES) + " Cached once.", PASSAGES[0]]
+    prompt = builder.build(QUESTION, passages)
+    first = greedy(llm, [prompt])[0]
+    second = greedy(llm, [prompt])[0]
+    assert second[2].num_cached_tokens > 0
+    assert first[0] == second[0]
+    assert_matches_reference(reference, prompt, second)
+    # Same prefix, different second passage: only the shared prefix may hit.
+    changed = builder.build(QUESTION, [passages[0], PASSAGES[1]])
+    third = greedy(llm, [changed])[0]
+    assert 0 < third[2].num_cached_tokens < builder.num_positions(changed)
+    assert_matches_reference(reference, changed, third)
+
+
+def test_batch_of_requests(llm, builder, reference):
+    prompts = [builder.build(QUESTION, PASSAGES[i:]) for i in range(3)]
+    for prompt, result in zip(prompts, greedy(llm, prompts)):
+        assert_matches_reference(reference, prompt, result)
+
+
+@pytest.mark.slow
+def test_2000_compressed_chunks_past_window(llm, builder, reference):
+    """2,000 chunks of k=16 (32k context tokens, 4x the 8192-position window)."""
+    texts = [f"chunk {i}: the encoder embeds each chunk into the decoder space" for i in range(2000)]
+    prompt = builder.render(
+        "<|im_start|>user\n" + "".join(f"<passage>{' '.join(texts[s:s+100])}</passage>" for s in range(0, 2000, 100))
+        + "\nQuestion: what is chunk 7?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    n_chunks = sum(i.num_chunks for i in prompt["multi_modal_data"]["refrag_chunk"])
+    n_tokens = n_chunks * 16
+    assert n_chunks >= 2000 and n_tokens >= 4 * 8192
+    assert builder.num_positions(prompt) < 8192
+    result = greedy(llm, [prompt], max_tokens=4)[0]
+    assert_matches_reference(reference, prompt, result, max_tokens=4)
