@@ -107,3 +107,23 @@ def test_2000_compressed_chunks_past_window(llm, builder, reference):
     assert builder.num_positions(prompt) < 8192
     result = greedy(llm, [prompt], max_tokens=4)[0]
     assert_matches_reference(reference, prompt, result, max_tokens=4)
+
+
+def test_offline_bad_input_raises_and_engine_keeps_working(llm, builder, reference):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=2)
+    ids = builder.tokenizer("hello")["input_ids"]
+    pid = builder.placeholder_id
+    with pytest.raises(ValueError, match="placeholder"):
+        llm.generate({"prompt_token_ids": ids + [pid]}, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="width 65"):
+        llm.generate({"prompt_token_ids": ids + [pid],
+                      "multi_modal_data": {"refrag_chunk": [{"projected_embeds": torch.zeros(2, 65)}]}},
+                     params, use_tqdm=False)
+    with pytest.raises(ValueError, match="1 placeholder token.*2 refrag_chunk item"):
+        llm.generate({"prompt_token_ids": ids + [pid],
+                      "multi_modal_data": {"refrag_chunk": [{"texts": ["a b"]}, {"texts": ["c d"]}]}},
+                     params, use_tqdm=False)
+    prompt = builder.build(QUESTION, PASSAGES[:1])
+    assert_matches_reference(reference, prompt, greedy(llm, [prompt])[0])

@@ -1,0 +1,115 @@
+"""Checkpoint validation, prompt building and boundary checks (no engine)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PASSAGES, QUESTION
+from refrag_vllm import CompressedChunks, decode_embeds, encode_embeds
+from refrag_vllm.chunks import validate_item
+from refrag_vllm.config import CheckpointMismatchError, load_refrag_config
+
+
+def _broken_copy(tiny_ckpt, tmp_path, edit):
+    out = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, out)
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_projector_mismatch_named_at_load(tiny_ckpt, tmp_path):
+    from refrag_vllm.reference import RefragReferenceModel
+
+    broken = _broken_copy(tiny_ckpt, tmp_path, lambda c: c["refrag"]["projector"].update(out_dim=65))
+    with pytest.raises(CheckpointMismatchError, match=r"projector output size \(65\) != decoder hidden_size \(64\)"):
+        load_refrag_config(broken)
+    with pytest.raises(CheckpointMismatchError, match="projector output size"):
+        RefragReferenceModel.load(broken)
+
+
+def test_encoder_mismatch_and_unknown_field(tiny_ckpt, tmp_path):
+    broken = _broken_copy(tiny_ckpt, tmp_path, lambda c: c["refrag"]["encoder"].update(hidden_size=48))
+    with pytest.raises(CheckpointMismatchError, match=r"projector input size \(32\) != encoder hidden_size \(48\)"):
+        load_refrag_config(broken)
+    shutil.rmtree(broken)
+    broken = _broken_copy(tiny_ckpt, tmp_path, lambda c: c["refrag"].update(chunk_sise=4))
+    with pytest.raises(CheckpointMismatchError, match="unknown field.*chunk_sise"):
+        load_refrag_config(broken)
+
+
+def test_chunking_cuts_decoder_tokens(builder):
+    ids = builder.tokenizer(PASSAGES[0], add_special_tokens=False)["input_ids"]
+    chunks = builder.chunk_passage(PASSAGES[0])
+    assert [t for c in chunks for t in c] == ids
+    assert all(len(c) == builder.k for c in chunks[:-1]) and 0 < len(chunks[-1]) <= builder.k
+
+
+def test_expanded_chunks_are_raw_tokens(builder):
+    chunks = builder.chunk_passage(PASSAGES[0])
+    prompt = builder.build(QUESTION, [PASSAGES[0]], expand=[[1]])
+    ids = prompt["prompt_token_ids"]
+    pid = builder.placeholder_id
+    first = ids.index(pid)
+    assert ids[first + 1 : first + 1 + len(chunks[1])] == chunks[1]
+    items = prompt["multi_modal_data"]["refrag_chunk"]
+    assert [i.num_chunks for i in items] == [1, len(chunks) - 2]
+    assert items[0].texts == (builder.tokenizer.decode(chunks[0]),)
+
+
+def test_long_passage_split_into_bounded_items(builder):
+    long = " ".join(PASSAGES * 40)
+    prompt = builder.build(QUESTION, [long])
+    items = prompt["multi_modal_data"]["refrag_chunk"]
+    assert len(items) > 1 and max(i.num_chunks for i in items) <= builder.cfg.max_chunks_per_item
+    assert sum(i.num_chunks for i in items) == len(builder.chunk_passage(long))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<passage>  </passage>", "empty"),
+    ('<passage expand="99">short text</passage>', "out of range"),
+    ('<passage expand="a,b">short text</passage>', "comma-separated"),
+    ('<passage colour="red">short text</passage>', "unknown field"),
+    ("<passage>unterminated", "malformed"),
+    ("hello <|refrag_chunk|>", "placeholder"),
+])
+def test_render_rejects_bad_markup(builder, text, message):
+    with pytest.raises(ValueError, match=message):
+        builder.render(text)
+
+
+def test_content_hash_depends_on_content_only():
+    a = CompressedChunks.from_texts(["one", "two"])
+    assert a.content_hash() == CompressedChunks.from_texts(["one", "two"]).content_hash()
+    assert a.content_hash() != CompressedChunks.from_texts(["one", "twO"]).content_hash()
+    assert a.content_hash() != CompressedChunks.from_texts(["onetwo"]).content_hash()
+    e = torch.zeros(2, 4)
+    assert CompressedChunks.from_projected_embeds(e).content_hash() != CompressedChunks.from_encoder_embeds(e).content_hash()
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"texts": ["a"], "extra": 1}, "unknown field"),
+    ({"projected_embeds": torch.zeros(2, 63)}, "width 63"),
+    ({"projected_embeds": torch.full((2, 64), float("nan"))}, "NaN"),
+    ({"encoder_embeds": torch.ones(2, 32, dtype=torch.int64)}, "dtype"),
+    ({"encoder_embeds": np.zeros((2, 3, 32), dtype=np.float32)}, "2-D"),
+    ({"texts": []}, "empty"),
+    ({"texts": "a string"}, "list of strings"),
+    ("just text", "expected CompressedChunks"),
+])
+def test_validate_item_rejects(item, message):
+    with pytest.raises(ValueError, match=message):
+        validate_item(item, encoder_width=32, decoder_width=64, max_chunks=64)
+
+
+def test_wire_format_roundtrip_and_rejects():
+    t = torch.randn(3, 8)
+    assert torch.equal(decode_embeds(encode_embeds(t)), t)
+    with pytest.raises(ValueError, match="base64"):
+        decode_embeds("%%%")
+    with pytest.raises(ValueError, match="safetensors"):
+        decode_embeds("aGVsbG8=")
