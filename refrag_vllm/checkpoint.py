@@ -40,8 +40,7 @@ def add_placeholder_token(tokenizer) -> int:
     return int(tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKEN))
 
 
-def assemble_checkpoint(
-    out_dir: str | Path,
+def assemble_model(
     decoder,
     decoder_tokenizer,
     encoder,
@@ -54,17 +53,16 @@ def assemble_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
-) -> Path:
-    """Write a checkpoint; returns its path.
+):
+    """Decoder + encoder (+ fresh projector) -> an in-memory ``RefragReferenceModel``.
 
     ``decoder`` is a transformers ``LlamaForCausalLM`` and ``encoder`` a transformers
-    encoder model (``BertModel``, ``RobertaModel``...).  ``weights`` (from a training
-    run) overrides any tensor by checkpoint name, e.g. ``projector.fc1.weight``.
+    encoder model (``BertModel``, ``RobertaModel``...).  ``weights`` overrides any
+    tensor by checkpoint name, e.g. ``projector.fc1.weight``.  Adds the placeholder
+    token to ``decoder_tokenizer``.
     """
     from .reference import RefragReferenceModel
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     placeholder_id = add_placeholder_token(decoder_tokenizer)
     enc_cfg = encoder_config_dict(encoder)
     hidden = int(decoder.config.hidden_size)
@@ -104,6 +102,21 @@ def assemble_checkpoint(
         raise ValueError(f"checkpoint assembly: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(dtype)
     model.config.dtype = dtype
+    model.encoder_tokenizer = encoder_tokenizer
+    model.eval()
+    return model
+
+
+def set_refrag_config(model, cfg: RefragConfig) -> None:
+    """Replace a model's ``refrag`` config section (kept in ``config.json``)."""
+    model.config.refrag = cfg.to_dict()
+    model.refrag_config = cfg
+
+
+def write_checkpoint(model, out_dir: str | Path, decoder_tokenizer, encoder_tokenizer) -> Path:
+    """Save an in-memory ``RefragReferenceModel`` as a checkpoint folder vLLM serves."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     decoder_tokenizer.save_pretrained(out)
     encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
@@ -113,3 +126,9 @@ def assemble_checkpoint(
     raw["architectures"] = [ARCHITECTURE]
     cfg_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def assemble_checkpoint(out_dir: str | Path, decoder, decoder_tokenizer, encoder, encoder_tokenizer, **kwargs) -> Path:
+    """Write a checkpoint (see :func:`assemble_model` for the arguments); returns its path."""
+    model = assemble_model(decoder, decoder_tokenizer, encoder, encoder_tokenizer, **kwargs)
+    return write_checkpoint(model, out_dir, decoder_tokenizer, encoder_tokenizer)

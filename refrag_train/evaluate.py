@@ -1,0 +1,167 @@
+"""Evaluation in the shape of the paper's Table 1: log-perplexity of o tokens after s.
+
+On held-out windows of ``s + o`` tokens, each condition feeds the s context tokens
+differently and scores the same continuation tokens (the o tokens after the first,
+which every condition sees as given, so "no context" has something to start from):
+
+* no context; full context (s raw tokens);
+* truncated context: the last tokens, as many positions as REFRAG16 uses (LLaMA_K);
+* REFRAG-k for each k: the s tokens compressed in chunks of k;
+* REFRAG16 with the RL policy expanding a fraction p of chunks, and with random
+  expansion at the same rate.
+
+An optional second table scores held-out RAG QA answers (the SFT format) with no
+passages, compressed passages and raw passages.  Scoring goes through the shared
+``RefragReferenceModel.target_logprobs``, the function training uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from refrag_vllm.expansion_policy import choose_expansions, num_expanded
+from refrag_vllm.prompt import RefragPromptBuilder, chunk_text, pieces_to_prompt
+from refrag_vllm.reference import RefragReferenceModel
+
+from .config import EvalConfig
+from .samples import Sample, TokenCorpus, context_sample, random_expansion, split_chunks
+
+
+def _score(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
+    """Mean NLL per sample."""
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
+            batch = samples[i : i + batch_size]
+            lps = model.target_logprobs([s.prompt for s in batch], [s.num_targets for s in batch])
+            out += [float(-lp.mean()) for lp in lps]
+    return out
+
+
+def _positions(sample: Sample) -> int:
+    return RefragPromptBuilder.num_positions(sample.prompt)
+
+
+def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int]], cfg: EvalConfig, seed: int):
+    """``{condition: [Sample per window]}`` for the Table 1 rows."""
+    s, o = cfg.context_tokens, cfg.continuation_tokens
+    pid = model.refrag_config.placeholder_token_id
+    conds: dict[str, list[Sample]] = {"No context": [], "Full context": []}
+    ks = list(cfg.chunk_sizes)
+    for k in ks:
+        conds[f"REFRAG{k}"] = []
+    kp, p = cfg.policy_chunk_size, cfg.expand_fraction
+    policy_name = f"REFRAG{kp} + RL policy (p={p:g})"
+    random_name = f"REFRAG{kp} + random expansion (p={p:g})"
+    if model.expansion_policy is not None:
+        conds[policy_name] = []
+    conds[random_name] = []
+    rng = random.Random(seed)
+    for w in windows:
+        ctx, cont = w[:s], w[s:]
+        conds["No context"].append(context_sample(tokenizer, pid, [], cont, kp, num_targets=o - 1))
+        conds["Full context"].append(Sample(pieces_to_prompt(ctx + cont, pid), o - 1))
+        for k in ks:
+            conds[f"REFRAG{k}"].append(context_sample(tokenizer, pid, ctx, cont, k, num_targets=o - 1))
+        L = len(split_chunks(ctx, kp))
+        if model.expansion_policy is not None:
+            enc = model.encode_texts([chunk_text(tokenizer, c) for c in split_chunks(ctx, kp)]).float()
+            expand = choose_expansions(model.expansion_policy.float(), enc, p)
+            conds[policy_name].append(context_sample(tokenizer, pid, ctx, cont, kp, expand, num_targets=o - 1))
+        conds[random_name].append(
+            context_sample(tokenizer, pid, ctx, cont, kp, random_expansion(L, p, rng), num_targets=o - 1))
+    # LLaMA_K: the last K raw context tokens, K = REFRAG-kp's context positions.
+    K = L if f"REFRAG{kp}" in conds else s // kp
+    conds[f"Truncated context (last {K} tokens)"] = [
+        Sample(pieces_to_prompt(w[s - K : s] + w[s:], pid), o - 1) for w in windows
+    ]
+    return conds, num_expanded(L, p)
+
+
+def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: int):
+    from .samples import qa_sample
+
+    conds: dict[str, list[Sample]] = {"No passages": [], "Compressed passages": [], "Raw passages": []}
+    for ex in examples:
+        q, a, ps = ex["question"], ex["answer"], ex["passages"]
+        conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
+        conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
+        raw = builder.build(q, ps, expand=[list(range(len(builder.chunk_passage(t)))) for t in ps])
+        answer_ids = builder.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos_id]
+        conds["Raw passages"].append(
+            Sample(dict(raw, prompt_token_ids=list(raw["prompt_token_ids"]) + answer_ids), len(answer_ids)))
+    return conds
+
+
+def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, out_dir: str | Path, *,
+             qa_examples: list[dict] | None = None, seed: int = 0, batch_size: int = 8,
+             threads: int = 0) -> dict:
+    """Score a checkpoint; writes ``eval.json`` and ``eval.md`` into ``out_dir``."""
+    from transformers import AutoTokenizer
+
+    from .sft import end_of_turn_id
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = RefragReferenceModel.load(checkpoint, dtype=getattr(torch, cfg.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    corpus = TokenCorpus.from_texts(heldout_texts, tokenizer, desc="tokenizing held-out")
+    windows = corpus.windows(cfg.context_tokens + cfg.continuation_tokens, cfg.num_windows, seed)
+    conds, picks = lm_conditions(model, tokenizer, windows, cfg, seed)
+    rows = []
+    for name, samples in conds.items():
+        nll = _score(model, samples, batch_size, name)
+        rows.append({"condition": name, "log_ppl": sum(nll) / len(nll),
+                     "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll})
+    by = {r["condition"]: r["log_ppl"] for r in rows}
+    gap = by["No context"] - by["Full context"]
+    for r in rows:
+        r["gap_recovered"] = (by["No context"] - r["log_ppl"]) / gap if gap > 0 else None
+    result = {
+        "checkpoint": str(checkpoint),
+        "context_tokens": cfg.context_tokens,
+        "continuation_tokens": cfg.continuation_tokens,
+        "scored_tokens": cfg.continuation_tokens - 1,
+        "num_windows": len(windows),
+        "num_heldout_docs": len(heldout_texts),
+        "expanded_chunks": picks,
+        "rows": rows,
+    }
+    if qa_examples:
+        builder = RefragPromptBuilder(tokenizer, model.refrag_config, model.config.hidden_size)
+        qa = qa_conditions(builder, qa_examples, end_of_turn_id(tokenizer))
+        result["qa"] = [{"condition": name, "answer_log_ppl": sum(v) / len(v),
+                         "positions": sum(map(_positions, samples)) / len(samples), "num_examples": len(v)}
+                        for name, samples in qa.items() for v in [_score(model, samples, batch_size, name)]]
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "eval.md").write_text(markdown_table(result))
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    s, o = result["context_tokens"], result["continuation_tokens"]
+    lines = [
+        f"Log-perplexity of {result['scored_tokens']} continuation tokens after s={s} context tokens "
+        f"(o={o}), {result['num_windows']} windows from {result['num_heldout_docs']} held-out documents. "
+        "Lower is better; *gap recovered* = (no context - row) / (no context - full context).",
+        "",
+        "| Condition | log-PPL | decoder positions (context + o) | gap recovered |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        gap = "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%"
+        lines.append(f"| {r['condition']} | {r['log_ppl']:.3f} | {r['positions']:.0f} | {gap} |")
+    if result.get("qa"):
+        lines += ["", "Held-out RAG QA (SFT format): log-perplexity of the answer.", "",
+                  "| Passages | answer log-PPL | decoder positions | examples |", "|---|---|---|---|"]
+        for r in result["qa"]:
+            lines.append(f"| {r['condition']} | {r['answer_log_ppl']:.3f} | {r['positions']:.0f} | "
+                         f"{r['num_examples']} |")
+    return "\n".join(lines) + "\n"

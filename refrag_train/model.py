@@ -1,0 +1,168 @@
+"""The model being trained: the shared reference model + LoRA (peft) + trainable heads.
+
+``TrainingModel.refrag`` is the same ``RefragReferenceModel`` the parity tests compare
+with vLLM, with LoRA layers injected by peft into
+
+* the decoder's attention and MLP projections (trained in CPT and SFT), and
+* the chunk encoder's attention and dense layers (trained in every stage but RL);
+
+the projector and the expansion policy are trained in full (fp32).  Frozen base
+weights stay in ``run.dtype`` (bf16 by default).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from refrag_vllm.checkpoint import assemble_model
+from refrag_vllm.config import PolicyConfig
+from refrag_vllm.delta import ADAPTER_WEIGHTS, HEADS, apply_delta, save_delta
+from refrag_vllm.expansion_policy import ExpansionPolicy
+from refrag_vllm.reference import RefragReferenceModel
+
+from .config import TrainConfig
+
+DECODER_LORA = "decoder"
+ENCODER_LORA = "encoder"
+
+
+def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
+    """The untrained REFRAG model and decoder tokenizer.
+
+    From ``base_checkpoint`` (a REFRAG checkpoint folder, used by tests) or from
+    ``run.decoder`` / ``run.encoder`` (the shipped SmolLM2 + MiniLM by default).
+    """
+    from transformers import AutoTokenizer
+
+    dtype = getattr(torch, cfg.run.dtype)
+    if base_checkpoint:
+        model = RefragReferenceModel.load(base_checkpoint, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(str(base_checkpoint))
+    from refrag_vllm.default_models import load_decoder, load_encoder
+
+    decoder, dec_tok = load_decoder(cfg.run.decoder or None, dtype)
+    encoder, enc_tok = load_encoder(cfg.run.encoder or None)
+    model = assemble_model(
+        decoder, dec_tok, encoder, enc_tok, chunk_size=cfg.run.default_chunk_size,
+        encoder_max_tokens=cfg.run.encoder_max_tokens, dtype=dtype, seed=cfg.run.seed,
+    )
+    return model, dec_tok
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    """One peft adapter over decoder and encoder, with a rank per side."""
+    lc = cfg.lora
+    dec = "|".join(map(re.escape, lc.decoder_targets))
+    enc = "|".join(map(re.escape, lc.encoder_targets))
+    target = rf"^(model\.layers\.\d+\.(self_attn|mlp)\.({dec})|chunk_encoder\.model\.encoder\.layer\.\d+\.(.*\.)?({enc}))$"
+    return LoraConfig(
+        r=lc.decoder_rank,
+        lora_alpha=lc.decoder_alpha,
+        target_modules=target,
+        rank_pattern={r"chunk_encoder\..*": lc.encoder_rank},
+        alpha_pattern={r"chunk_encoder\..*": lc.encoder_alpha},
+        lora_dropout=0.0,
+        bias="none",
+    )
+
+
+class TrainingModel:
+    """Holds the peft-wrapped reference model, the policy, and their trainable groups."""
+
+    def __init__(self, cfg: TrainConfig, base_checkpoint: str | Path | None = None) -> None:
+        torch.manual_seed(cfg.run.seed)
+        self.cfg = cfg
+        base, self.tokenizer = load_base(cfg, base_checkpoint)
+        self.encoder_tokenizer = base.encoder_tokenizer
+        self.lora_config = lora_config(cfg)
+        self.peft_model = get_peft_model(base, self.lora_config)
+        self.refrag: RefragReferenceModel = self.peft_model.base_model.model
+        self.refrag.projector.float()
+        self.policy_config = PolicyConfig(
+            in_dim=self.refrag.refrag_config.encoder_hidden_size,
+            d_model=cfg.policy.d_model, num_layers=cfg.policy.num_layers, num_heads=cfg.policy.num_heads,
+        )
+        self.policy = ExpansionPolicy(self.policy_config).float()
+        self.placeholder_id = self.refrag.refrag_config.placeholder_token_id
+
+    # ------------------------------------------------------------ parameters
+    def named_groups(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+        groups: dict[str, list] = {DECODER_LORA: [], ENCODER_LORA: [], "projector": [], "policy": []}
+        for name, p in self.peft_model.named_parameters():
+            if "lora_" in name:
+                groups[ENCODER_LORA if ".chunk_encoder." in name else DECODER_LORA].append((name, p))
+        groups["projector"] = list(self.refrag.projector.named_parameters())
+        groups["policy"] = list(self.policy.named_parameters())
+        return groups
+
+    def trainable(self, groups: list[str]) -> list[torch.nn.Parameter]:
+        """Freeze everything, then unfreeze ``groups``; returns their parameters."""
+        for p in self.peft_model.parameters():
+            p.requires_grad_(False)
+        for p in self.policy.parameters():
+            p.requires_grad_(False)
+        params = []
+        for g, named in self.named_groups().items():
+            for _, p in named:
+                if g in groups:
+                    p.requires_grad_(True)
+                    params.append(p)
+        return params
+
+    def train(self, mode: bool = True) -> None:
+        self.peft_model.train(mode)
+        self.policy.train(mode)
+
+    # ------------------------------------------------------------ save/load
+    def heads_state(self) -> dict[str, torch.Tensor]:
+        heads = {f"projector.{k}": v for k, v in self.refrag.projector.state_dict().items()}
+        heads.update({f"expansion_policy.{k}": v for k, v in self.policy.state_dict().items()})
+        return heads
+
+    def save_delta(self, out_dir: str | Path, meta: dict | None = None, with_policy: bool = True) -> Path:
+        heads = self.heads_state()
+        if not with_policy:
+            heads = {k: v for k, v in heads.items() if k.startswith("projector.")}
+        full_meta = {
+            "chunk_size": self.cfg.run.default_chunk_size,
+            "expansion_policy": vars(self.policy_config) if with_policy else None,
+            "chunk_sizes_trained": self.cfg.run.chunk_sizes,
+            **(meta or {}),
+        }
+        return save_delta(out_dir, adapter_config=self.lora_config, dtype=torch.float32,
+                          adapter_state=get_peft_model_state_dict(self.peft_model), heads=heads, meta=full_meta)
+
+    def load_delta_weights(self, delta_dir: str | Path) -> None:
+        """Load a saved delta's trainable weights into this (unmerged) model, to continue training.
+
+        Stage outputs are saved in fp32, so resuming continues bit for bit."""
+        delta_dir = Path(delta_dir)
+        result = set_peft_model_state_dict(self.peft_model, load_file(str(delta_dir / ADAPTER_WEIGHTS)))
+        if result.unexpected_keys:
+            raise ValueError(f"{delta_dir}: unexpected LoRA weights {result.unexpected_keys[:3]}")
+        heads = load_file(str(delta_dir / HEADS))
+        self.refrag.projector.load_state_dict(
+            {k[len("projector."):]: v.float() for k, v in heads.items() if k.startswith("projector.")})
+        policy = {k[len("expansion_policy."):]: v.float() for k, v in heads.items()
+                  if k.startswith("expansion_policy.")}
+        if policy:
+            self.policy.load_state_dict(policy)
+
+
+def export_checkpoint(cfg: TrainConfig, delta_dir: str | Path, out_dir: str | Path,
+                      base_checkpoint: str | Path | None = None) -> Path:
+    """Base models + delta -> a checkpoint folder vLLM serves unchanged.
+
+    The same path as ``refrag-vllm build --delta``: a fresh base, :func:`apply_delta`, save.
+    """
+    from refrag_vllm.checkpoint import write_checkpoint
+
+    model, tokenizer = load_base(cfg, base_checkpoint)
+    enc_tok = model.encoder_tokenizer
+    model = apply_delta(model, delta_dir)
+    return write_checkpoint(model, out_dir, tokenizer, enc_tok)

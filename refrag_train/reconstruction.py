@@ -1,0 +1,46 @@
+"""Stage 1, reconstruction: the decoder (frozen) reproduces n*k tokens from n chunk embeddings.
+
+Only the encoder's LoRA and the projector learn.  Data follow the curriculum: step i
+holds ``batch_size`` windows of ``n * k`` tokens, n growing stage by stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .curriculum import curriculum_batches
+from .model import ENCODER_LORA, TrainingModel
+from .samples import TokenCorpus, reconstruction_sample
+from .trainer import Stage, run_supervised, step_rng
+
+NAME = "reconstruction"
+
+
+def plan(model: TrainingModel):
+    cfg = model.cfg
+    rc = cfg.reconstruction
+    # n chunk positions, then the n*k reconstructed tokens
+    return curriculum_batches(rc.curriculum, rc.positions_per_batch, cfg.run.chunk_sizes,
+                              cfg.run.chunk_size_weights, cfg.run.seed, lambda n, k: n * (k + 1))
+
+
+def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
+    b = steps[step]
+    rng = step_rng(model.cfg.run.seed, NAME, step)
+    return [
+        reconstruction_sample(model.tokenizer, model.placeholder_id,
+                              corpus.window(b.num_chunks * b.chunk_size, rng), b.chunk_size)
+        for _ in range(b.batch_size)
+    ]
+
+
+def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
+    steps = plan(model)
+    stage = Stage(NAME, run_dir, model, [ENCODER_LORA, "projector"], len(steps),
+                  model.cfg.reconstruction.lr, model.cfg.reconstruction.warmup, use_mlflow=use_mlflow)
+    return run_supervised(
+        stage,
+        lambda step: make_batch(model, corpus, steps, step),
+        lambda step: {"curriculum_stage": steps[step].stage, "num_chunks": steps[step].num_chunks,
+                      "k": steps[step].chunk_size},
+    )

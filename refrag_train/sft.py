@@ -1,0 +1,54 @@
+"""Stage 4, SFT on retrieval-augmented QA: question + compressed passages -> answer.
+
+The QA pairs are derived from the Python documentation by ``refrag-train prepare``
+(see ``data.py``): each question asks about an API entry, its passages are that
+entry's documentation and other entries of the same page, all compressed.  The loss
+is on the answer and the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refrag_vllm.prompt import RefragPromptBuilder
+
+from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
+from .samples import qa_sample
+from .trainer import Stage, run_supervised, step_rng
+
+NAME = "sft"
+
+
+def prompt_builder(model: TrainingModel, chunk_size: int | None = None) -> RefragPromptBuilder:
+    import dataclasses
+
+    cfg = model.refrag.refrag_config
+    if chunk_size:
+        cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
+    return RefragPromptBuilder(model.tokenizer, cfg, model.refrag.config.hidden_size)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in the chat template (``eos`` otherwise)."""
+    for token in ("<|im_end|>", "<|eot_id|>"):
+        if token in tokenizer.get_vocab():
+            return int(tokenizer.convert_tokens_to_ids(token))
+    return int(tokenizer.eos_token_id)
+
+
+def make_batch(model: TrainingModel, examples: list[dict], step: int):
+    sc = model.cfg.sft
+    rng = step_rng(model.cfg.run.seed, NAME, step)
+    builder = prompt_builder(model, model.cfg.run.default_chunk_size)
+    eos = end_of_turn_id(model.tokenizer)
+    batch = rng.sample(examples, min(sc.batch_size, len(examples)))
+    return [qa_sample(builder, ex["question"], ex["passages"], ex["answer"], eos) for ex in batch]
+
+
+def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, *, use_mlflow: bool = False) -> Path:
+    sc = model.cfg.sft
+    if not examples:
+        raise ValueError("sft: no QA examples")
+    groups = [ENCODER_LORA, "projector"] + ([DECODER_LORA] if sc.train_decoder else [])
+    stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
+    return run_supervised(stage, lambda step: make_batch(model, examples, step))

@@ -1,0 +1,393 @@
+"""The training package on tiny random models: curriculum, policy maths, every stage, resume, export."""
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+from conftest import PASSAGES
+
+from refrag_train.config import CurriculumConfig, config_from_dict, load_config
+from refrag_train.curriculum import curriculum_batches, geometric_counts, stage_counts
+from refrag_vllm.expansion_policy import (
+    ExpansionPolicy,
+    choose_expansions,
+    grpo_advantages,
+    grpo_loss,
+    sample_expansions,
+    sequence_logprob,
+)
+from refrag_vllm.config import PolicyConfig
+
+# ------------------------------------------------------------------ curriculum
+
+
+def test_curriculum_reproduces_paper_table8_rows():
+    # Rows quoted in the paper's Table 8 (9 stages).
+    assert geometric_counts(2000, 1 / 3, 9) == [1333, 445, 148, 49, 16, 6, 2, 1, 0]
+    assert geometric_counts(4000, 1.745, 9) == [20, 35, 61, 106, 185, 324, 565, 985, 1719]
+    paper_256 = [1, 3, 9, 25, 73, 212, 618, 1802, 5259]
+    ours = geometric_counts(8000, 2.918, 9)
+    assert sum(ours) == 8000 and all(abs(a - b) <= 1 for a, b in zip(ours, paper_256))
+
+
+def test_curriculum_default_mix_and_totals():
+    cfg = CurriculumConfig()
+    stages = stage_counts(cfg)
+    assert len(stages) == 9
+    for n, total in zip(cfg.num_chunks, cfg.totals):
+        assert sum(s[n] for s in stages) == total
+    # Stage 1 is dominated by single-chunk samples, the last stage by the longest.
+    assert max(stages[0], key=stages[0].get) == 1
+    assert max(stages[-1], key=stages[-1].get) == 256
+    # Easy types fade out, hard types grow, stage over stage.
+    assert [s[1] for s in stages] == sorted((s[1] for s in stages), reverse=True)
+    assert [s[256] for s in stages] == sorted(s[256] for s in stages)
+
+
+def test_curriculum_batches_follow_the_schedule():
+    cfg = CurriculumConfig(num_chunks=[1, 2, 4], totals=[60, 40, 40], ratios=[0.5, 1.0, 2.0], num_stages=3)
+    cost = lambda n, k: n * (k + 1)  # noqa: E731
+    steps = curriculum_batches(cfg, 64, [4, 8], [0.5, 0.5], seed=0, positions_per_sample=cost)
+    assert steps == curriculum_batches(cfg, 64, [4, 8], [0.5, 0.5], seed=0, positions_per_sample=cost)
+    stages = [b.stage for b in steps]
+    assert stages == sorted(stages), "stage by stage"
+    for s, counts in enumerate(stage_counts(cfg)):
+        for n, count in counts.items():
+            assert sum(b.batch_size for b in steps if b.stage == s and b.num_chunks == n) == count
+    for b in steps:
+        assert b.batch_size * cost(b.num_chunks, b.chunk_size) <= 64 or b.batch_size == 1
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_dict({"cpt": {"learning_rate": 1e-4}})
+    with pytest.raises(FileNotFoundError, match="shipped configs"):
+        load_config("no-such-config")
+    assert load_config("cpu").run.default_chunk_size == 16
+
+
+# ---------------------------------------------------------------- policy maths
+
+
+def test_policy_never_picks_a_chunk_twice():
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 2, 5, 16):
+        logits = torch.randn(64, L, generator=g) * 5
+        actions, logprob = sample_expansions(logits, L, generator=g)
+        assert actions.shape == (64, L)
+        for row in actions.tolist():
+            assert sorted(row) == list(range(L)), "all distinct"
+        assert torch.isfinite(logprob).all()
+        assert torch.allclose(sequence_logprob(logits, actions), logprob, atol=1e-5)
+
+
+def test_policy_sequence_logprob_by_hand():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    actions = torch.tensor([[2, 0]])
+    p1 = math.exp(2) / (1 + math.e + math.exp(2))
+    p2 = 1 / (1 + math.e)  # chunk 2 masked out
+    assert sequence_logprob(logits, actions).item() == pytest.approx(math.log(p1) + math.log(p2), abs=1e-6)
+    greedy, _ = sample_expansions(logits, 2, greedy=True)
+    assert greedy.tolist() == [[2, 1]]
+
+
+def test_policy_network_any_length_and_padding():
+    policy = ExpansionPolicy(PolicyConfig(in_dim=8, d_model=16, num_layers=2, num_heads=2))
+    for L in (1, 7, 300):
+        assert policy(torch.randn(2, L, 8)).shape == (2, L)
+    mask = torch.tensor([[True, True, False]])
+    logits = policy(torch.randn(1, 3, 8), mask)
+    assert logits[0, 2] == float("-inf") and torch.isfinite(logits[0, :2]).all()
+    picks = choose_expansions(policy, torch.randn(20, 8), 0.1)
+    assert len(picks) == 2 and len(set(picks)) == 2 and picks == sorted(picks)
+    assert choose_expansions(policy, torch.randn(20, 8), 0.0) == []
+    with pytest.raises(ValueError, match="fraction"):
+        choose_expansions(policy, torch.randn(20, 8), 1.5)
+
+
+def test_grpo_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
+    adv = grpo_advantages(rewards)
+    std = math.sqrt(1.25)  # population std of 1..4
+    expected = [(-1.5 / std), (-0.5 / std), (0.5 / std), (1.5 / std)]
+    assert adv[0].tolist() == pytest.approx(expected, abs=1e-5)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_grpo_clipping_by_hand():
+    old = torch.zeros(4)
+    # ratios e^0.5=1.65, e^-0.5=0.61, 1.1, 0.9
+    new = torch.tensor([0.5, -0.5, math.log(1.1), math.log(0.9)])
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    # pessimistic min(r*A, clip(r)*A), eps=0.2:
+    terms = [min(math.exp(0.5) * 1, 1.2 * 1),   # clipped at 1.2
+             min(math.exp(-0.5) * -1, 0.8 * -1),  # clipped ratio 0.8 -> -0.8 is larger; min is r*A
+             min(1.1 * 2, 1.1 * 2),
+             min(0.9 * -2, 0.9 * -2)]
+    assert grpo_loss(new, old, adv, 0.2).item() == pytest.approx(-sum(terms) / 4, abs=1e-6)
+    # Gradient vanishes where the clip is active and the move is in the advantage's direction.
+    new_g = new.clone().requires_grad_(True)
+    grpo_loss(new_g, old, adv, 0.2).backward()
+    assert new_g.grad[0].item() == 0.0 and new_g.grad[2].item() != 0.0
+
+
+# -------------------------------------------------------------- the stages
+
+
+def _corpus_texts():
+    return [" ".join(PASSAGES[i:] + PASSAGES[:i]) * 2 for i in range(len(PASSAGES))]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("train") / "tiny-base", k=4, max_positions=4096)
+
+
+def _model(cfg, ckpt):
+    from refrag_train.model import TrainingModel
+
+    return TrainingModel(cfg, ckpt)
+
+
+def _corpus(model):
+    from refrag_train.samples import TokenCorpus
+
+    return TokenCorpus.from_texts(_corpus_texts(), model.tokenizer)
+
+
+def _qa_examples():
+    return [{"question": f"What does passage {i} say?", "answer": p.split(".")[0] + ".",
+             "passages": [p, PASSAGES[(i + 1) % 3]]} for i, p in enumerate(PASSAGES)]
+
+
+def _loss_on(model, samples):
+    from refrag_train.trainer import nll_loss
+
+    with torch.no_grad():
+        return nll_loss(model, samples).item()
+
+
+@pytest.mark.parametrize("stage", ["reconstruction", "cpt", "sft"])
+def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ckpt, tmp_path):
+    from refrag_train import cpt, reconstruction, sft
+
+    model = _model(tiny_cfg, base_ckpt)
+    corpus = _corpus(model)
+    if stage == "reconstruction":
+        fixed = reconstruction.make_batch(model, corpus, reconstruction.plan(model), 0)
+        train = lambda: reconstruction.train_reconstruction(model, corpus, tmp_path)  # noqa: E731
+    elif stage == "cpt":
+        fixed = cpt.make_batch(model, corpus, cpt.plan(model), 0)
+        train = lambda: cpt.train_cpt(model, corpus, tmp_path)  # noqa: E731
+    else:
+        fixed = sft.make_batch(model, _qa_examples(), 0)
+        train = lambda: sft.train_sft(model, _qa_examples(), tmp_path)  # noqa: E731
+    before = _loss_on(model, fixed)
+    final = train()
+    after = _loss_on(model, fixed)
+    assert after < before, (before, after)
+    assert (final / "refrag_delta.json").exists()
+    log = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == log[-1]["step"] and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, base_ckpt, tmp_path):
+    from refrag_train import policy_rl
+
+    model = _model(tiny_cfg, base_ckpt)
+    corpus = _corpus(model)
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    policy_rl.train_policy(model, corpus, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == tiny_cfg.policy_rl.steps and all(math.isfinite(r["reward"]) for r in log)
+    assert any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+    # On one fixed batch of sampled actions and advantages, PPO steps lower the GRPO loss.
+    pc = tiny_cfg.policy_rl
+    contexts, continuations = policy_rl.make_inputs(model, corpus, 0)
+    embeds = policy_rl.chunk_embeddings(model, contexts, pc.chunk_size)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        logits = model.policy(embeds).repeat_interleave(pc.group_size, 0)
+        actions, old = sample_expansions(logits, 2, generator=g)
+    rewards = policy_rl.rewards_for(model, [c for c in contexts for _ in range(pc.group_size)],
+                                    [c for c in continuations for _ in range(pc.group_size)], actions, pc.chunk_size)
+    adv = grpo_advantages(rewards.view(-1, pc.group_size)).view(-1)
+    params = model.trainable(["policy"])
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def loss_now():
+        return grpo_loss(sequence_logprob(model.policy(embeds).repeat_interleave(pc.group_size, 0), actions),
+                         old, adv, 10.0)
+
+    first = loss_now()
+    for _ in range(5):
+        opt.zero_grad()
+        loss_now().backward()
+        opt.step()
+    assert loss_now().item() < first.item()
+
+
+def test_resume_continues_from_the_saved_step(tiny_cfg, base_ckpt, tmp_path, capsys):
+    from refrag_train import reconstruction
+
+    straight = _model(tiny_cfg, base_ckpt)
+    reconstruction.train_reconstruction(straight, _corpus(straight), tmp_path / "a")
+
+    model = _model(tiny_cfg, base_ckpt)
+    corpus = _corpus(model)
+    real = reconstruction.make_batch
+
+    def interrupted(m, c, steps, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(m, c, steps, step)
+
+    reconstruction.make_batch = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reconstruction.train_reconstruction(model, corpus, tmp_path / "b")
+    finally:
+        reconstruction.make_batch = real
+    state = json.loads((tmp_path / "b" / "reconstruction" / "last" / "state.json").read_text())
+    assert state["step"] == 4  # save_every = 2
+    resumed = _model(tiny_cfg, base_ckpt)  # a fresh process: weights come from disk
+    capsys.readouterr()
+    reconstruction.train_reconstruction(resumed, corpus, tmp_path / "b")
+    assert "resuming at step 4" in capsys.readouterr().out
+    for (name, a), (_, b) in zip(straight.refrag.projector.named_parameters(),
+                                 resumed.refrag.projector.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    lora = lambda m: {k: v for k, v in m.peft_model.state_dict().items() if "lora_" in k}  # noqa: E731
+    for k, v in lora(straight).items():
+        assert torch.allclose(v, lora(resumed)[k], atol=1e-6), k
+
+
+# --------------------------------------------------- export, serve, evaluate
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cfg, base_ckpt, tmp_path_factory):
+    """All four stages on the tiny model, exported as a checkpoint (the recipe's path)."""
+    from refrag_train.cli import STAGES, copy_delta, train_stages
+    from refrag_train.data import write_jsonl
+    from refrag_train.model import export_checkpoint
+
+    root = tmp_path_factory.mktemp("recipe")
+    data = root / "data"
+    write_jsonl(data / "train.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(_corpus_texts())])
+    write_jsonl(data / "qa_train.jsonl", _qa_examples())
+    run = root / "run"
+    final = train_stages(tiny_cfg, run, data, STAGES, base_checkpoint=base_ckpt)
+    delta = copy_delta(final, run / "delta")
+    ckpt = export_checkpoint(tiny_cfg, delta, root / "ckpt", base_checkpoint=base_ckpt)
+    return ckpt, delta
+
+
+def test_export_writes_a_checkpoint_with_trained_heads(trained):
+    from refrag_vllm.config import load_refrag_config
+
+    ckpt, delta = trained
+    raw, cfg = load_refrag_config(ckpt)
+    assert raw["architectures"] == ["RefragLlamaForCausalLM"]
+    assert cfg.projector_initialised == "trained" and cfg.expansion_policy is not None
+    assert cfg.chunk_size == 4
+    assert not (delta / "optimizer.pt").exists()
+    assert sum(f.stat().st_size for f in delta.iterdir()) < 1_000_000
+
+
+def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
+    from conftest import LOGPROB_ATOL, make_llm, shutdown_llm
+    from vllm import SamplingParams
+
+    from refrag_vllm import RefragPromptBuilder
+    from refrag_vllm.reference import RefragReferenceModel
+
+    ckpt, _ = trained
+    builder = RefragPromptBuilder.from_pretrained(ckpt)
+    reference = RefragReferenceModel.load(ckpt)
+    prompts = [
+        builder.build("What is the capital of France?", PASSAGES),
+        builder.build("Which sequences are immutable?", PASSAGES, expand=[[0], [], [1, 2]]),
+    ]
+    llm = make_llm(ckpt, max_model_len=4096)
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, logprobs=0), use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    for prompt, out in zip(prompts, outs):
+        gen = list(out.outputs[0].token_ids)
+        vllm_lp = [lp[t].logprob for t, lp in zip(gen, out.outputs[0].logprobs)]
+        # The evaluation's scoring function on the same tokens.
+        scored = dict(prompt, prompt_token_ids=list(prompt["prompt_token_ids"]) + gen)
+        with torch.no_grad():
+            ref_lp = reference.target_logprobs([scored], [len(gen)])[0].tolist()
+        assert ref_lp == pytest.approx(vllm_lp, abs=LOGPROB_ATOL)
+        # And greedy decoding agrees token for token.
+        assert reference.greedy_generate(prompt, 8).token_ids == gen
+
+
+def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
+    from refrag_train.evaluate import evaluate
+
+    ckpt, _ = trained
+    result = evaluate(ckpt, _corpus_texts(), tiny_cfg.eval, tmp_path, qa_examples=_qa_examples())
+    names = [r["condition"] for r in result["rows"]]
+    assert names[:4] == ["No context", "Full context", "REFRAG4", "REFRAG8"]
+    assert any("RL policy" in n for n in names) and any("random expansion" in n for n in names)
+    by = {r["condition"]: r for r in result["rows"]}
+    assert by["REFRAG8"]["positions"] < by["REFRAG4"]["positions"] < by["Full context"]["positions"]
+    assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
+    assert [q["condition"] for q in result["qa"]] == ["No passages", "Compressed passages", "Raw passages"]
+    md = (tmp_path / "eval.md").read_text()
+    assert "| REFRAG4 |" in md and "gap recovered" in md
+    assert json.loads((tmp_path / "eval.json").read_text())["num_windows"] == tiny_cfg.eval.num_windows
+
+
+def test_shipped_delta_is_small_and_complete():
+    from refrag_vllm.delta import SHIPPED_DELTA, read_delta_meta
+
+    if not (SHIPPED_DELTA / "refrag_delta.json").exists():
+        pytest.skip("no trained delta shipped yet")
+    meta = read_delta_meta(SHIPPED_DELTA)
+    assert meta["chunk_size"] == 16 and meta["expansion_policy"]["in_dim"] == 384
+    size = sum(f.stat().st_size for f in SHIPPED_DELTA.iterdir())
+    assert size < 20 * 2**20, size
+    for name in ("adapter_config.json", "adapter_model.safetensors", "refrag_heads.safetensors"):
+        assert (SHIPPED_DELTA / name).exists()
+
+
+def test_builder_expands_the_chunks_the_policy_picks(trained):
+    from refrag_vllm import RefragPromptBuilder
+    from refrag_vllm.expansion_policy import num_expanded
+    from refrag_vllm.reference import RefragReferenceModel
+
+    ckpt, _ = trained
+    builder = RefragPromptBuilder.from_pretrained(ckpt, load_policy=True)
+    num_chunks = [len(builder.chunk_passage(p)) for p in PASSAGES]
+    expand = builder.policy_expansions(PASSAGES, 0.25)
+    assert sum(map(len, expand)) == num_expanded(sum(num_chunks), 0.25)
+    assert all(0 <= j < n for e, n in zip(expand, num_chunks) for j in e)
+    # The same choice as the policy inside the reference model, over the same chunk vectors.
+    reference = RefragReferenceModel.load(ckpt)
+    from refrag_vllm.prompt import chunk_text
+
+    texts = [chunk_text(builder.tokenizer, c) for p in PASSAGES for c in builder.chunk_passage(p)]
+    with torch.no_grad():
+        picks = choose_expansions(reference.expansion_policy, reference.encode_texts(texts).float(), 0.25)
+    flat = [sum(num_chunks[:i]) + j for i, e in enumerate(expand) for j in e]
+    assert sorted(flat) == picks
+    by_policy = builder.build("Q?", PASSAGES, expand_fraction=0.25)
+    by_hand = builder.build("Q?", PASSAGES, expand=expand)
+    assert by_policy["prompt_token_ids"] == by_hand["prompt_token_ids"]
+    with pytest.raises(ValueError, match="load_policy"):
+        RefragPromptBuilder.from_pretrained(ckpt).build("Q?", PASSAGES, expand_fraction=0.25)
