@@ -79,19 +79,22 @@ class DataConfig:
 
 @dataclass
 class ReconstructionConfig:
+    """Also the base of CPT's config: both follow the curriculum."""
+
     lr: float = 2e-4
     warmup: float = 0.04
     positions_per_batch: int = 1024
-    """Decoder positions per step; batch size = positions_per_batch // (n * (k + 1))."""
+    """Decoder positions per step.  Batch size = positions_per_batch // positions per sample:
+    ``n * (k + 1)`` in reconstruction, ``n + o + expanded`` in CPT (at least 1)."""
+    train_encoder: bool = True
+    """Train the encoder's LoRA (the paper trains the encoder); the projector always learns."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass
-class CPTConfig:
+class CPTConfig(ReconstructionConfig):
     lr: float = 5e-5
-    warmup: float = 0.04
     positions_per_batch: int = 640
-    """Decoder positions per step; batch size = positions_per_batch // (n + o + expanded), at least 1."""
     continuation_tokens: int = 64
     """o: tokens predicted after the compressed context."""
     train_decoder: bool = True
@@ -100,7 +103,6 @@ class CPTConfig:
     """Share of samples with some chunks left expanded (the mixed-input stage)."""
     expand_fraction: float = 0.1
     """p: fraction of a mixed sample's chunks kept as raw tokens."""
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass
@@ -125,6 +127,7 @@ class SFTConfig:
     steps: int = 100
     batch_size: int = 4
     train_decoder: bool = True
+    train_encoder: bool = True
 
 
 @dataclass

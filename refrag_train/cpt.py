@@ -46,7 +46,8 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     c = model.cfg.cpt
     steps = plan(model)
-    groups = [ENCODER_LORA, "projector"] + ([DECODER_LORA] if c.train_decoder else [])
+    groups = (["projector"] + ([DECODER_LORA] if c.train_decoder else [])
+              + ([ENCODER_LORA] if c.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup, use_mlflow=use_mlflow)
     return run_supervised(
         stage,

@@ -36,7 +36,8 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
 
 def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     steps = plan(model)
-    stage = Stage(NAME, run_dir, model, [ENCODER_LORA, "projector"], len(steps),
+    groups = ["projector"] + ([ENCODER_LORA] if model.cfg.reconstruction.train_encoder else [])
+    stage = Stage(NAME, run_dir, model, groups, len(steps),
                   model.cfg.reconstruction.lr, model.cfg.reconstruction.warmup, use_mlflow=use_mlflow)
     return run_supervised(
         stage,

@@ -49,6 +49,7 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, *, use_
     sc = model.cfg.sft
     if not examples:
         raise ValueError("sft: no QA examples")
-    groups = [ENCODER_LORA, "projector"] + ([DECODER_LORA] if sc.train_decoder else [])
+    groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
+              + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
     return run_supervised(stage, lambda step: make_batch(model, examples, step))
