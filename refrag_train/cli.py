@@ -166,13 +166,16 @@ def cmd_recipe(args) -> None:
     args.checkpoint, args.out = str(run_dir / "checkpoint"), str(run_dir / "eval")
     cmd_eval(args)
     _record_time(run_dir, "eval", time.time() - started)
+    from .plots import plot_training
+
+    plot_training(run_dir, run_dir / "eval" / "training_curves.png")
     timing = json.loads((run_dir / "timing.json").read_text())
     print(f"wall time (s): {timing}, total {sum(timing.values()):.0f}")
     if args.ship:
         from refrag_vllm.delta import SHIPPED_DELTA
 
         ship = copy_delta(run_dir / "delta", SHIPPED_DELTA)
-        for name in ("eval.md", "eval.json"):
+        for name in ("eval.md", "eval.json", "training_curves.png"):
             shutil.copy2(run_dir / "eval" / name, ship / name)
         shutil.copy2(run_dir / "timing.json", ship / "timing.json")
         print(f"shipped delta to {ship}")

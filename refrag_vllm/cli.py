@@ -130,7 +130,10 @@ def cmd_demo(args) -> None:
     }
     if builder.expander is not None:
         prompts["REFRAG + policy expanding 10% of chunks"] = builder.build(question, passages, expand_fraction=0.1)
-    llm = LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16")
+    # On CPU, gpu_memory_utilization is the share of RAM vLLM reserves; this process already
+    # holds the prompt builder and its policy, so ask for half (plenty for a 135M model).
+    llm = LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
+              gpu_memory_utilization=0.5)
     params = SamplingParams(max_tokens=48, temperature=0.0)
     print(f"\nQ: {question}  (passages: the docstrings of json.dumps, json.loads, json.JSONDecoder)")
     for name, prompt in prompts.items():

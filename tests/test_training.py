@@ -393,3 +393,11 @@ def test_builder_expands_the_chunks_the_policy_picks(trained):
     assert by_policy["prompt_token_ids"] == by_hand["prompt_token_ids"]
     with pytest.raises(ValueError, match="load_policy"):
         RefragPromptBuilder.from_pretrained(ckpt).build("Q?", PASSAGES, expand_fraction=0.25)
+
+
+def test_training_curves_plot(trained, tmp_path):
+    from refrag_train.plots import plot_training
+
+    ckpt, _ = trained
+    png = plot_training(ckpt.parent / "run", tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
