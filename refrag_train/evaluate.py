@@ -8,7 +8,9 @@ which every condition sees as given, so "no context" has something to start from
 * truncated context: the last tokens, as many positions as REFRAG16 uses (LLaMA_K);
 * REFRAG-k for each k: the s tokens compressed in chunks of k;
 * REFRAG16 with the RL policy expanding a fraction p of chunks, and with random
-  expansion at the same rate.
+  expansion at the same rate;
+* a control: REFRAG16 with another window's chunks (equal to REFRAG16 means the
+  compressed chunks carry nothing the decoder uses).
 
 An optional second table scores held-out RAG QA answers (the SFT format) with no
 passages, compressed passages and raw passages.  Scoring goes through the shared
@@ -75,6 +77,12 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
             conds[policy_name].append(context_sample(tokenizer, pid, ctx, cont, kp, expand, num_targets=o - 1))
         conds[random_name].append(
             context_sample(tokenizer, pid, ctx, cont, kp, random_expansion(L, p, rng), num_targets=o - 1))
+    # Control: the right continuation after another window's compressed context.  If this
+    # scores like REFRAG-kp, the compressed chunks carry no content the decoder uses.
+    conds[f"REFRAG{kp}, another window's chunks (control)"] = [
+        context_sample(tokenizer, pid, windows[(i + 1) % len(windows)][:s], w[s:], kp, num_targets=o - 1)
+        for i, w in enumerate(windows)
+    ]
     # LLaMA_K: the last K raw context tokens, K = REFRAG-kp's context positions.
     K = L if f"REFRAG{kp}" in conds else s // kp
     conds[f"Truncated context (last {K} tokens)"] = [
