@@ -64,6 +64,7 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
         conds[policy_name] = []
     conds[random_name] = []
     rng = random.Random(seed)
+    policy = model.expansion_policy.float() if model.expansion_policy is not None else None
     for w in windows:
         ctx, cont = w[:s], w[s:]
         conds["No context"].append(context_sample(tokenizer, pid, [], cont, kp, num_targets=o - 1))
@@ -71,9 +72,9 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
         for k in ks:
             conds[f"REFRAG{k}"].append(context_sample(tokenizer, pid, ctx, cont, k, num_targets=o - 1))
         L = len(split_chunks(ctx, kp))
-        if model.expansion_policy is not None:
+        if policy is not None:
             enc = model.encode_texts([chunk_text(tokenizer, c) for c in split_chunks(ctx, kp)]).float()
-            expand = choose_expansions(model.expansion_policy.float(), enc, p)
+            expand = choose_expansions(policy, enc, p)
             conds[policy_name].append(context_sample(tokenizer, pid, ctx, cont, kp, expand, num_targets=o - 1))
         conds[random_name].append(
             context_sample(tokenizer, pid, ctx, cont, kp, random_expansion(L, p, rng), num_targets=o - 1))
@@ -99,10 +100,8 @@ def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: in
         q, a, ps = ex["question"], ex["answer"], ex["passages"]
         conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
         conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
-        raw = builder.build(q, ps, expand=[list(range(len(builder.chunk_passage(t)))) for t in ps])
-        answer_ids = builder.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos_id]
-        conds["Raw passages"].append(
-            Sample(dict(raw, prompt_token_ids=list(raw["prompt_token_ids"]) + answer_ids), len(answer_ids)))
+        every_chunk = [list(range(len(builder.chunk_passage(t)))) for t in ps]
+        conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=every_chunk))
     return conds
 
 

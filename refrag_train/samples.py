@@ -109,9 +109,11 @@ def random_expansion(num_chunks: int, fraction: float, rng: random.Random) -> li
     return sorted(rng.sample(range(num_chunks), num_expanded(num_chunks, fraction)))
 
 
-def qa_sample(builder, question: str, passages: Sequence[str], answer: str, eos_id: int) -> Sample:
-    """SFT: chat prompt with compressed passages, then the answer and end-of-turn token."""
-    prompt = builder.build(question, passages)
+def qa_sample(builder, question: str, passages: Sequence[str], answer: str, eos_id: int,
+              expand: Sequence[Sequence[int]] | None = None) -> Sample:
+    """SFT: chat prompt with compressed passages (``expand`` as in ``builder.build``),
+    then the answer and end-of-turn token."""
+    prompt = builder.build(question, passages, expand=expand)
     answer_ids = builder.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos_id]
     prompt = dict(prompt, prompt_token_ids=list(prompt["prompt_token_ids"]) + answer_ids)
     return Sample(prompt, len(answer_ids))
