@@ -132,3 +132,20 @@ def assemble_checkpoint(out_dir: str | Path, decoder, decoder_tokenizer, encoder
     """Write a checkpoint (see :func:`assemble_model` for the arguments); returns its path."""
     model = assemble_model(decoder, decoder_tokenizer, encoder, encoder_tokenizer, **kwargs)
     return write_checkpoint(model, out_dir, decoder_tokenizer, encoder_tokenizer)
+
+
+def load_tensors(model_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Only the tensors under ``prefixes`` from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    out[key] = f.get_tensor(key)
+    return out

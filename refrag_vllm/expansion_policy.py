@@ -153,13 +153,14 @@ class PolicyExpander:
 
         from transformers import AutoTokenizer
 
+        from .checkpoint import load_tensors
         from .config import ENCODER_TOKENIZER_DIR, load_refrag_config
         from .encoder import ChunkEncoder
 
         _, cfg = load_refrag_config(model_dir)
         if cfg.expansion_policy is None:
             raise ValueError(f"{model_dir}: this checkpoint has no trained expansion policy")
-        weights = _load_prefixed(Path(model_dir), ("chunk_encoder.", "expansion_policy."))
+        weights = load_tensors(Path(model_dir), ("chunk_encoder.", "expansion_policy."))
         encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
         encoder.load_state_dict({k[len("chunk_encoder."):]: v.float() for k, v in weights.items()
                                  if k.startswith("chunk_encoder.")}, strict=False)
@@ -178,21 +179,3 @@ class PolicyExpander:
             return []
         ids, mask = tokenize_chunks(self.encoder_tokenizer, chunk_texts, self.max_tokens)
         return choose_expansions(self.policy, self.encoder(ids, mask).float(), fraction)
-
-
-def _load_prefixed(model_dir, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Only the tensors under ``prefixes`` from a (possibly sharded) safetensors checkpoint."""
-    import json
-
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
-    out = {}
-    for name in files:
-        with safe_open(str(model_dir / name), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefixes):
-                    out[key] = f.get_tensor(key)
-    return out
