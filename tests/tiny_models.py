@@ -93,3 +93,21 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
         out_dir, decoder, dec_tok, encoder, enc_tok, chunk_size=k, max_chunks_per_item=64,
         dtype=torch.float32, seed=seed,
     )
+
+
+def add_random_policy(ckpt: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A copy of a tiny checkpoint with a random (untrained) expansion policy."""
+    import dataclasses
+
+    from refrag_vllm.checkpoint import set_refrag_config, write_checkpoint
+    from refrag_vllm.config import PolicyConfig
+    from refrag_vllm.expansion_policy import ExpansionPolicy
+    from refrag_vllm.reference import RefragReferenceModel
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = RefragReferenceModel.load(ckpt)
+    policy_cfg = PolicyConfig(in_dim=model.refrag_config.encoder_hidden_size, d_model=16, num_layers=1, num_heads=2)
+    model.expansion_policy = ExpansionPolicy(policy_cfg)
+    set_refrag_config(model, dataclasses.replace(model.refrag_config, expansion_policy=policy_cfg))
+    return write_checkpoint(model, out_dir, AutoTokenizer.from_pretrained(str(ckpt)), model.encoder_tokenizer)

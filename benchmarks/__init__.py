@@ -1,0 +1,1 @@
+"""Speed benchmarks for refrag-vllm (``python -m benchmarks.ttft``)."""

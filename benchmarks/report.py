@@ -1,0 +1,188 @@
+"""results.json -> results.md (paper-style tables with speed-up columns) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _label(row: dict) -> str:
+    return row["mode"] if row.get("k") is None else f"{row['mode']} k={row['k']}"
+
+
+def _index(rows: list[dict]) -> dict:
+    return {(r["mode"], r.get("k"), r["context_tokens"]): r for r in rows}
+
+
+def offline_table(res: dict) -> list[str]:
+    rows = res["offline"]["rows"]
+    idx = _index(rows)
+    lines = [
+        "| context tokens | mode | positions | TTFT s (median, min–max) | speed-up vs vanilla | ceiling TTFT s "
+        "| ceiling speed-up | % of ceiling | ideal ratio | TPOT ms | KV blocks | KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({r["context_tokens"] for r in rows}):
+        vanilla = idx.get(("vanilla", None, n))
+        for r in [x for x in rows if x["context_tokens"] == n and x["mode"] != "ceiling"]:
+            t = r["ttft_s"]
+            ceiling = idx.get(("ceiling", r.get("k"), n)) if r["mode"] != "vanilla" else None
+            speed = f"{vanilla['ttft_s']['median'] / t['median']:.2f}×" if vanilla else "— (past the window)"
+            c_ttft = ceiling["ttft_s"]["median"] if ceiling else None
+            c_speed = f"{vanilla['ttft_s']['median'] / c_ttft:.2f}×" if (ceiling and vanilla) else "—"
+            of_ceiling = f"{100 * c_ttft / t['median']:.0f}%" if ceiling else "—"
+            ideal = f"{vanilla['positions'] / r['positions']:.1f}×" if vanilla else "—"
+            lines.append(
+                f"| {n} | {_label(r)} | {r['positions']:.0f} | {t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f}) "
+                f"| {speed} | {'—' if c_ttft is None else f'{c_ttft:.3f}'} | {c_speed} | {of_ceiling} | {ideal} "
+                f"| {1000 * r['tpot_s']:.1f} | {r['kv_blocks']} | {r['kv_mib']} |")
+    return lines
+
+
+def throughput_table(res: dict) -> list[str]:
+    lines = ["| mode | context tokens | requests | output tokens | seconds | output tok/s |", "|---|---|---|---|---|---|"]
+    for r in res["offline"]["throughput"]:
+        lines.append(f"| {_label(r)} | {r['context_tokens']} | {r['requests']} | {r['output_tokens']} "
+                     f"| {r['seconds']:.2f} | {r['output_tokens_per_s']:.2f} |")
+    return lines
+
+
+def transformers_table(res: dict) -> list[str]:
+    idx = _index(res["offline"]["rows"])
+    lines = ["| context tokens | positions | transformers prefill s | vLLM vanilla TTFT s | transformers ÷ vLLM |",
+             "|---|---|---|---|---|"]
+    for r in res.get("transformers", []):
+        v = idx.get(("vanilla", None, r["context_tokens"]))
+        hf = r["prefill_s"]["median"]
+        vt = v["ttft_s"]["median"] if v else float("nan")
+        lines.append(f"| {r['context_tokens']} | {r['positions']} | {hf:.3f} | {vt:.3f} | {hf / vt:.2f} |")
+    return lines
+
+
+def server_table(res: dict) -> list[str]:
+    rows = res["server"]["rows"]
+    idx = _index(rows)
+    lines = ["| context tokens | mode | positions | TTFT s (median, min–max) | speed-up vs vanilla | TPOT ms |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["context_tokens"], r["mode"] != "vanilla")):
+        v = idx.get(("vanilla", None, r["context_tokens"]))
+        t = r["ttft_s"]
+        speed = f"{v['ttft_s']['median'] / t['median']:.2f}×" if v else "— (past the window)"
+        lines.append(f"| {r['context_tokens']} | {_label(r)} | {r['positions']:.0f} | {t['median']:.3f} "
+                     f"({t['min']:.3f}–{t['max']:.3f}) | {speed} | {1000 * r['tpot_s']:.1f} |")
+    cross = res["server"].get("bench_serve") or []
+    if cross:
+        lines += ["", "Cross-check, vanilla, same prompts: our streaming client vs `vllm bench serve`",
+                  "(max concurrency 1):", "",
+                  "| context tokens | requests | ours median TTFT ms | vllm bench serve median TTFT ms | difference |",
+                  "|---|---|---|---|---|"]
+        for c in cross:
+            lines.append(f"| {c['context_tokens']} | {c['requests']} | {c['ours_median_ttft_ms']:.0f} "
+                         f"| {c['bench_serve_median_ttft_ms']:.0f} | {c['difference_pct']:+.1f}% |")
+    return lines
+
+
+def memory_lines(eng: dict) -> list[str]:
+    if "peak_memory_startup_mib" not in eng:
+        return []
+    return ["", f"Peak memory (PSS of this process and the engine's): {eng['peak_memory_startup_mib'] / 1024:.1f} GiB "
+            "while the engine starts (vLLM profiles the encoder with its largest inputs), "
+            f"{eng['peak_memory_measuring_mib'] / 1024:.1f} GiB while measuring (all modes on one engine; "
+            "memory is not returned between rows, so it is not split by mode)."]
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    cfg = res["config"]
+    eng = res["offline"]["engine"]
+    out = [
+        "# TTFT: REFRAG vs vanilla RAG on the same vLLM engine", "",
+        f"Command: `{res['command']}`  ",
+        f"Model: `{res['model']}`  ",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB; torch {m['torch']}, "
+        f"vLLM {m['vllm']}  ",
+        f"Engine (every mode): max_model_len {cfg['max_model_len']}, max_num_batched_tokens {cfg['max_model_len']}, "
+        f"prefix caching off, mm processor cache off, bf16, KV cache {cfg['kv_cache_gib']} GiB, block size "
+        f"{eng['block_size']}, {'eager' if cfg['enforce_eager'] else 'compiled'}, OpenMP threads bound to "
+        f"{cfg.get('omp_bind', 'auto')!r} (VLLM_CPU_OMP_THREADS_BIND; reserved CPUs {cfg.get('reserved_cpus', -1)}); "
+        f"startup {eng['startup_s']:.0f} s.  ",
+        f"Every request has fresh passages ({cfg['passage_tokens']} tokens each), so every prefill is cold. "
+        f"TTFT at batch 1 after warm-up, {cfg['repeats']} repeats; TPOT over {cfg['decode_tokens']} more tokens. "
+        "The ceiling is plain tokens with as many decoder positions as the REFRAG-cached prompt of the same k. "
+        "`refrag-policy` TTFT includes the policy's chunk selection on the client. "
+        f"Total wall time {res['wall_s'] / 60:.1f} min.", "",
+        "## Offline engine (`vllm.LLM`), batch 1, cold", "", *offline_table(res), "",
+        "KV MiB: (prompt positions + output tokens) × bytes of K and V per position; blocks: the same / block size. "
+        "TTFT: wall time of `generate` minus the engine's decode time; TPOT: the engine's first-to-last-token time / (tokens - 1).",
+        *memory_lines(eng),
+        "", "## Throughput, concurrent requests", "", *throughput_table(res), "",
+    ]
+    if res.get("transformers"):
+        out += ["## Plain transformers prefill of the same decoder (bf16, SDPA, one forward pass)", "",
+                *transformers_table(res), ""]
+    if res.get("server"):
+        out += ["## OpenAI-compatible server (`vllm serve`), streaming client", "", *server_table(res), ""]
+    out += ["Plots: `ttft_vs_length.png`, `speedup_vs_length.png`."]
+    return "\n".join(out) + "\n"
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["offline"]["rows"]
+    idx = _index(rows)
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(_label(r), []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["context_tokens"])
+        style = "--" if label.startswith("ceiling") else "-"
+        ax.plot([r["context_tokens"] for r in rs], [r["ttft_s"]["median"] for r in rs], style, label=label,
+                marker="o", markersize=3, linewidth=2.5 if label == "vanilla" else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("retrieved context (tokens)")
+    ax.set_ylabel("TTFT, batch 1, cold (s)")
+    ax.set_title("TTFT vs context length (offline vLLM engine)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths = [out / "ttft_vs_length.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, rs in sorted(series.items()):
+        if label == "vanilla":
+            continue
+        pts = [(r["context_tokens"], idx[("vanilla", None, r["context_tokens"])]["ttft_s"]["median"]
+                / r["ttft_s"]["median"]) for r in sorted(rs, key=lambda r: r["context_tokens"])
+               if ("vanilla", None, r["context_tokens"]) in idx]
+        if pts:
+            ax.plot(*zip(*pts), "--" if label.startswith("ceiling") else "-o", label=label, markersize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("retrieved context (tokens)")
+    ax.set_ylabel("TTFT speed-up over vanilla (×)")
+    ax.set_title("Speed-up vs context length (dashed: ceiling at the same positions)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "speedup_vs_length.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(res: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(res))
+    plots(res, out)
+
+
+if __name__ == "__main__":  # re-render: python -m benchmarks.report RESULTS_DIR
+    d = Path(sys.argv[1])
+    write_report(json.loads((d / "results.json").read_text()), d)

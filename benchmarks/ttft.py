@@ -1,0 +1,482 @@
+"""TTFT / TPOT / throughput / KV of REFRAG vs vanilla RAG on the same vLLM engine.
+
+    python -m benchmarks.ttft --model CKPT --out benchmarks/results/cpu [--quick]
+
+One run measures, side by side (same engine settings for every mode, prefix
+caching off, fresh passages for every request, so every prefill is cold):
+
+* **offline engine** (``vllm.LLM``): per mode, k and context length, TTFT at batch 1
+  (wall time of ``generate(max_tokens=1)``, median and spread over repeats, after a
+  warm-up), time per output token, KV-cache blocks, peak memory of the engine's
+  processes; throughput with many concurrent requests;
+* the **ceiling**: plain tokens with exactly as many decoder positions as each
+  REFRAG prompt, on the same engine (the best any compression could do);
+* **plain transformers** prefill of the same decoder at the vanilla lengths (the
+  engine is not a strawman);
+* the **OpenAI-compatible server** (``vllm serve``) seen from a streaming client,
+  and, for vanilla, ``vllm bench serve`` on the same prompts as a cross-check.
+
+Writes ``results.json``, ``results.md`` and PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("vanilla", "refrag", "refrag-cached", "refrag-policy")
+
+
+@dataclass
+class BenchConfig:
+    """A profile; every field is also a command-line flag."""
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 0])
+    """Context lengths (tokens) every mode serves; 0: the longest vanilla fits in max_model_len."""
+    beyond: list[int] = field(default_factory=lambda: [16384, 32768])
+    """Longer contexts, for REFRAG modes only (past the decoder's window uncompressed)."""
+    ks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    repeats: int = 3
+    decode_tokens: int = 16
+    """Output tokens of the TPOT run (one per point)."""
+    policy_k: int = 16
+    policy_fraction: float = 0.1
+    throughput_length: int = 2048
+    throughput_requests: int = 8
+    throughput_tokens: int = 32
+    passage_tokens: int = 256
+    max_model_len: int = 8192
+    kv_cache_gib: int = 4
+    omp_bind: str = "all"
+    """VLLM_CPU_OMP_THREADS_BIND: ``all`` (the model's OpenMP threads on every core), ``auto``
+    (vLLM's default: one core kept for the scheduler process) or a core list such as ``0-1``.
+    On the 2-core machine ``all`` made vanilla prefill 1.8x faster (benchmarks/results/tuning)."""
+    reserved_cpus: int = 0
+    """VLLM_CPU_NUM_OF_RESERVED_CPU (-1: vLLM's default)."""
+    threads: int = 0
+    """Threads of the plain-transformers baseline (0: torch's default)."""
+    enforce_eager: bool = False
+    server: bool = True
+    server_lengths: list[int] = field(default_factory=lambda: [2048, 0])
+    server_beyond: list[int] = field(default_factory=lambda: [32768])
+    server_k: int = 16
+    bench_serve: bool = True
+    bench_serve_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
+    """Vanilla lengths cross-checked with ``vllm bench serve`` (same prompts, ours vs theirs)."""
+    hf_baseline: bool = True
+    hf_repeats: int = 2
+
+
+PROFILES = {
+    "default": BenchConfig(),
+    "quick": BenchConfig(lengths=[256, 512], beyond=[2048], ks=[16], repeats=1, decode_tokens=4,
+                         throughput_length=256, throughput_requests=2, throughput_tokens=4,
+                         passage_tokens=128, max_model_len=1024, kv_cache_gib=1, enforce_eager=True,
+                         server_lengths=[256], server_beyond=[2048], bench_serve_lengths=[256], hf_repeats=1),
+}
+
+
+def _median_spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "all": xs}
+
+
+class PeakMemory:
+    """Peak memory (PSS: shared pages split between processes, so the sum is not inflated)
+    of this process and its children (the engine), sampled every 0.1 s."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _pss(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self._proc] + self._proc.children(recursive=True):
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._pss())
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = self._pss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._pss())
+
+
+# ---------------------------------------------------------------- offline engine
+class OfflineEngine:
+    """``vllm.LLM`` with the benchmark's engine settings (identical for every mode)."""
+
+    def __init__(self, model: str, cfg: BenchConfig) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(**engine_args(model, cfg))
+        vc = self.llm.llm_engine.vllm_config
+        self.block_size = vc.cache_config.block_size
+        hf = vc.model_config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        itemsize = 2 if str(vc.model_config.dtype) in ("torch.bfloat16", "torch.float16") else 4
+        self.kv_bytes_per_position = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * itemsize
+
+    def generate(self, prompts: list[dict], max_tokens: int):
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return self.llm.generate(prompts, sp, use_tqdm=False)
+
+    def measure(self, prompt: dict, decode_tokens: int) -> tuple[float, float, int]:
+        """One request, ``1 + decode_tokens`` output tokens, batch 1.
+
+        Returns (TTFT, TPOT, positions the engine saw).  TTFT is the wall time of
+        ``generate`` minus the engine's decode time (first to last token), so it
+        covers everything from the call to the first token, input processing included.
+        """
+        start = time.perf_counter()
+        out = self.generate([prompt], 1 + decode_tokens)[0]
+        wall = time.perf_counter() - start
+        m = out.metrics
+        decode = m.last_token_ts - m.first_token_ts
+        return wall - decode, decode / max(1, m.num_generation_tokens - 1), len(out.prompt_token_ids)
+
+    def kv_blocks(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def shutdown(self) -> None:
+        import gc
+
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del self.llm
+        gc.collect()
+
+
+def engine_args(model: str, cfg: BenchConfig) -> dict:
+    """One place for the engine settings, so the offline engine and the server match."""
+    return dict(model=model, max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_model_len,
+                max_num_seqs=max(cfg.throughput_requests, 1), enable_prefix_caching=False,
+                mm_processor_cache_gb=0, enforce_eager=cfg.enforce_eager, dtype="bfloat16", seed=0,
+                disable_log_stats=False)
+
+
+def server_flags(cfg: BenchConfig) -> list[str]:
+    args = engine_args("", cfg)
+    flags = ["--max-model-len", str(args["max_model_len"]),
+             "--max-num-batched-tokens", str(args["max_num_batched_tokens"]),
+             "--max-num-seqs", str(args["max_num_seqs"]), "--no-enable-prefix-caching",
+             "--mm-processor-cache-gb", "0", "--dtype", args["dtype"], "--seed", "0"]
+    return flags + (["--enforce-eager"] if cfg.enforce_eager else [])
+
+
+def engine_env(cfg: BenchConfig) -> dict:
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}" if cfg.omp_bind == "all" else cfg.omp_bind}
+    if cfg.reserved_cpus >= 0:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.reserved_cpus)
+    return env
+
+
+def vanilla_max_length(factory, cfg: BenchConfig) -> int:
+    """The longest context (tokens, multiple of 256) whose vanilla prompt + output fit the window."""
+    overhead = len(factory._head) + len(factory._tail) + 64  # separators between passages, margin
+    return (cfg.max_model_len - cfg.decode_tokens - overhead) // 256 * 256
+
+
+def measure_point(engine: OfflineEngine, make, cfg: BenchConfig) -> dict:
+    """TTFT and TPOT over ``repeats`` fresh requests, KV blocks and peak memory."""
+    ttfts, tpots, prep, positions = [], [], [], []
+    for _ in range(cfg.repeats):
+        req = make()
+        ttft, tpot, engine_positions = engine.measure(req.prompt, cfg.decode_tokens)
+        if engine_positions != req.positions:
+            raise RuntimeError(f"{req.mode}: engine saw {engine_positions} positions, prompt has {req.positions}")
+        ttfts.append(ttft + req.prep_seconds)
+        tpots.append(tpot)
+        prep.append(req.prep_seconds)
+        positions.append(req.positions)
+    pos = statistics.median(positions)
+    return {"mode": req.mode, "k": req.k, "context_tokens": req.context_tokens, "positions": pos,
+            "ttft_s": _median_spread(ttfts), "prep_s": statistics.median(prep), "tpot_s": statistics.median(tpots),
+            "kv_blocks": engine.kv_blocks(int(pos) + 1 + cfg.decode_tokens),
+            "kv_mib": round((pos + 1 + cfg.decode_tokens) * engine.kv_bytes_per_position / 2**20, 2),
+            **req.extra}
+
+
+def run_offline(model: str, factory, cfg: BenchConfig, lengths: list[int], beyond: list[int], log) -> dict:
+    """All offline measurements on one engine."""
+    os.environ.update(engine_env(cfg))
+    started = time.perf_counter()
+    with PeakMemory() as startup_memory:
+        engine = OfflineEngine(model, cfg)
+    startup = time.perf_counter() - started
+    with PeakMemory() as run_memory:
+        rows = measure_batch1(engine, factory, cfg, lengths, beyond, log)
+        throughput = measure_throughput(engine, factory, cfg, log)
+    info = {"startup_s": startup, "block_size": engine.block_size,
+            "kv_bytes_per_position": engine.kv_bytes_per_position,
+            "peak_memory_startup_mib": round(startup_memory.peak / 2**20),
+            "peak_memory_measuring_mib": round(run_memory.peak / 2**20)}
+    engine.shutdown()
+    return {"rows": rows, "throughput": throughput, "engine": info}
+
+
+def measure_batch1(engine: OfflineEngine, factory, cfg: BenchConfig, lengths: list[int], beyond: list[int],
+                   log) -> list[dict]:
+    """TTFT/TPOT at batch 1 for every mode, k and length; the ceiling right after its REFRAG row."""
+    from tqdm import tqdm
+
+    plan: list[tuple[str, int | None, int]] = [("vanilla", None, n) for n in lengths]
+    for k in cfg.ks:
+        for n in lengths + beyond:
+            plan += [("refrag-cached", k, n), ("refrag", k, n), ("ceiling", k, n)]
+    if factory.has_policy:
+        plan += [("refrag-policy", cfg.policy_k, n) for n in lengths + beyond]
+    # warm-up: one request of each mode at the shortest length
+    for mode in ("vanilla", "refrag", "refrag-cached") + (("refrag-policy",) if factory.has_policy else ()):
+        engine.measure(factory.make(mode, lengths[0], cfg.ks[0], cfg.policy_fraction).prompt, 1)
+    rows: list[dict] = []
+    cached_positions: dict[tuple[int, int], int] = {}
+    for mode, k, n in tqdm(plan, desc="offline", unit="point", file=sys.stdout):
+        if mode == "ceiling":
+            target = cached_positions[(k, n)]
+            row = measure_point(engine, lambda: factory.ceiling(target, n, k), cfg)
+        else:
+            row = measure_point(engine, lambda: factory.make(mode, n, k, cfg.policy_fraction), cfg)
+        if mode == "refrag-cached":
+            cached_positions[(k, n)] = int(row["positions"])
+        rows.append(row)
+        log(f"offline {mode:14s} k={k} s={n}: ttft {row['ttft_s']['median']:.3f}s positions {row['positions']}")
+    return rows
+
+
+def measure_throughput(engine: OfflineEngine, factory, cfg: BenchConfig, log) -> list[dict]:
+    """Output tokens/s with ``throughput_requests`` requests submitted at once."""
+    out = []
+    n = cfg.throughput_length
+    for mode, k in [("vanilla", None), ("refrag", cfg.policy_k), ("refrag-cached", cfg.policy_k)] + (
+            [("refrag-policy", cfg.policy_k)] if factory.has_policy else []):
+        reqs = [factory.make(mode, n, k, cfg.policy_fraction) for _ in range(cfg.throughput_requests)]
+        prep = sum(r.prep_seconds for r in reqs)
+        start = time.perf_counter()
+        outs = engine.generate([r.prompt for r in reqs], cfg.throughput_tokens)
+        seconds = time.perf_counter() - start + prep
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        out.append({"mode": mode, "k": k, "context_tokens": n, "requests": len(reqs),
+                    "output_tokens": tokens, "seconds": seconds, "output_tokens_per_s": tokens / seconds})
+        log(f"throughput {mode:14s}: {tokens / seconds:.2f} output tok/s")
+    return out
+
+
+# ---------------------------------------------------------------- transformers
+def run_hf_baseline(model: str, factory, cfg: BenchConfig, lengths: list[int], log) -> list[dict]:
+    """Plain transformers prefill (one forward pass, bf16, SDPA) of the same decoder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the checkpoint's encoder/projector weights are not the decoder's
+    decoder = LlamaForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    rows = []
+    with torch.inference_mode():
+        decoder(torch.tensor([factory.vanilla(lengths[0]).prompt["prompt_token_ids"]]))  # warm-up
+        for n in lengths:
+            times, positions = [], 0
+            for _ in range(cfg.hf_repeats):
+                ids = factory.vanilla(n).prompt["prompt_token_ids"]
+                positions = len(ids)
+                start = time.perf_counter()
+                decoder(torch.tensor([ids]), logits_to_keep=1)
+                times.append(time.perf_counter() - start)
+            rows.append({"context_tokens": n, "positions": positions, "prefill_s": _median_spread(times)})
+            log(f"transformers prefill s={n}: {statistics.median(times):.3f}s")
+    del decoder
+    return rows
+
+
+# ---------------------------------------------------------------- server
+def run_server(model: str, factory, cfg: BenchConfig, lengths: list[int], beyond: list[int], out: Path,
+               log) -> dict:
+    """``vllm serve`` with the same engine settings; TTFT/TPOT as a streaming client sees them."""
+    from openai import OpenAI
+
+    from .server import VllmServer
+
+    k = cfg.server_k
+    with VllmServer(model, server_flags(cfg), env=engine_env(cfg), log_path=out / "server.log") as server:
+        client = OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
+        plan = [("vanilla", None, n) for n in lengths]
+        plan += [(m, k, n) for n in lengths + beyond for m in ("refrag-cached", "refrag")]
+        if factory.has_policy:
+            plan += [("refrag-policy", k, n) for n in lengths + beyond]
+        for mode in {m for m, _, _ in plan}:  # warm-up
+            stream_request(client, server.model, factory.make(mode, lengths[0], k, cfg.policy_fraction), 2)
+        rows = []
+        for mode, kk, n in plan:
+            ttfts, tpots, positions = [], [], []
+            for _ in range(cfg.repeats):
+                req = factory.make(mode, n, kk, cfg.policy_fraction)
+                ttft, tpot = stream_request(client, server.model, req, 1 + cfg.decode_tokens)
+                ttfts.append(ttft + req.prep_seconds)
+                tpots.append(tpot)
+                positions.append(req.positions)
+            rows.append({"mode": mode, "k": kk, "context_tokens": n, "positions": statistics.median(positions),
+                         "ttft_s": _median_spread(ttfts), "tpot_s": statistics.median(tpots)})
+            log(f"server  {mode:14s} k={kk} s={n}: ttft {statistics.median(ttfts):.3f}s")
+        cross = []
+        if cfg.bench_serve:
+            for n in cfg.bench_serve_lengths:
+                cross.append(bench_serve_crosscheck(server, factory, cfg, n, out, client, log))
+    return {"rows": rows, "bench_serve": cross}
+
+
+def stream_request(client, model: str, req, max_tokens: int) -> tuple[float, float]:
+    """Streaming completion: (seconds to the first streamed token, seconds per later token)."""
+    start = time.perf_counter()
+    stream = client.completions.create(model=model, prompt=req.text, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    stamps, tokens = [], 0
+    for chunk in stream:
+        if chunk.choices:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    if not stamps or tokens != max_tokens:
+        raise RuntimeError(f"{req.mode}: the server streamed {tokens} tokens, {max_tokens} asked")
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / max(1, tokens - 1)
+
+
+def bench_serve_crosscheck(server, factory, cfg: BenchConfig, n: int, out: Path, client, log) -> dict:
+    """vLLM's own ``vllm bench serve`` on vanilla prompts, and our client on the same prompts."""
+    import subprocess
+
+    reqs = [factory.vanilla(n) for _ in range(cfg.repeats)]
+    dataset = out / f"bench_serve_vanilla_{n}.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": r.text}) + "\n" for r in reqs))
+    ours = [stream_request(client, server.model, r, 1 + cfg.decode_tokens)[0] for r in reqs]
+    result_name = f"bench_serve_vanilla_{n}.json"
+    cmd = [str(Path(sys.executable).parent / "vllm"), "bench", "serve", "--backend", "vllm",
+           "--base-url", server.base, "--model", server.model, "--tokenizer", server.model_dir,
+           "--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
+           "--custom-output-len", str(1 + cfg.decode_tokens), "--num-prompts", str(len(reqs)),
+           "--max-concurrency", "1", "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
+           "--num-warmups", "0", "--disable-tqdm", "--save-result", "--result-dir", str(out),
+           "--result-filename", result_name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (out / f"bench_serve_vanilla_{n}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed (see {out}/bench_serve_vanilla_{n}.log):\n{proc.stderr[-2000:]}")
+    theirs = json.loads((out / result_name).read_text())
+    ours_ms = statistics.median(ours) * 1000
+    row = {"context_tokens": n, "requests": len(reqs), "ours_median_ttft_ms": ours_ms,
+           "bench_serve_median_ttft_ms": theirs["median_ttft_ms"],
+           "difference_pct": 100 * (ours_ms - theirs["median_ttft_ms"]) / theirs["median_ttft_ms"]}
+    log(f"cross-check s={n}: ours {ours_ms:.0f} ms, vllm bench serve {theirs['median_ttft_ms']:.0f} ms")
+    return row
+
+
+# ---------------------------------------------------------------- main
+def machine() -> dict:
+    import psutil
+    import torch
+    import vllm
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a REFRAG checkpoint folder")
+    p.add_argument("--out", required=True, help="folder for results.json / results.md / plots")
+    p.add_argument("--quick", action="store_true", help="tiny sweep for CI: checks the harness, not timings")
+    ints = lambda s: [int(x) for x in s.split(",") if x != ""]
+    for f in dataclasses.fields(BenchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type == "list[int]":
+            p.add_argument(flag, type=ints, default=None)
+        else:
+            p.add_argument(flag, type={"float": float, "str": str}.get(f.type, int), default=None)
+    args = p.parse_args(argv)
+    cfg = dataclasses.replace(PROFILES["quick" if args.quick else "default"])
+    for f in dataclasses.fields(BenchConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    return args, cfg
+
+
+def main(argv=None) -> dict:
+    from .report import write_report
+    from .workload import RequestFactory
+
+    args, cfg = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "w")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    started = time.perf_counter()
+    factory = RequestFactory(args.model, cfg.passage_tokens)
+    longest = vanilla_max_length(factory, cfg)
+    lengths = sorted({n if n else longest for n in cfg.lengths})
+    beyond = sorted(n for n in cfg.beyond if n > longest)
+    server_lengths = sorted({n if n else longest for n in cfg.server_lengths})
+    server_beyond = sorted(n for n in cfg.server_beyond if n > longest)
+    log(f"lengths {lengths}, beyond the window {beyond}, k {cfg.ks}, longest vanilla context {longest}")
+    results = {"command": " ".join(["python -m benchmarks.ttft"] + (argv if argv is not None else sys.argv[1:])),
+               "config": dataclasses.asdict(cfg), "machine": machine(), "model": str(args.model),
+               "longest_vanilla_context": longest}
+    results["offline"] = run_offline(args.model, factory, cfg, lengths, beyond, log)
+    if cfg.hf_baseline:
+        results["transformers"] = run_hf_baseline(args.model, factory, cfg, lengths, log)
+    if cfg.server:
+        results["server"] = run_server(args.model, factory, cfg, server_lengths, server_beyond, out, log)
+    results["wall_s"] = time.perf_counter() - started
+    results["text_tokens_used"] = factory.source.used_tokens
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out)
+    log(f"done in {results['wall_s']:.0f}s: {out / 'results.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

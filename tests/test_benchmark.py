@@ -1,0 +1,75 @@
+"""The TTFT harness's --quick profile: it runs every mode and vantage point and writes
+well-formed files.  Timings are not asserted (benchmarks measure; tests check behaviour)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_results(tiny_ckpt, tmp_path_factory):
+    from tiny_models import add_random_policy
+
+    model = add_random_policy(tiny_ckpt, tmp_path_factory.mktemp("policy") / "tiny-with-policy")
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ttft", "--quick", "--model", str(model), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_mode_length_and_k_is_measured(quick_results):
+    _, res = quick_results
+    rows = res["offline"]["rows"]
+    lengths = [256, 512]
+    got = {(r["mode"], r["k"], r["context_tokens"]) for r in rows}
+    for n in lengths:
+        assert ("vanilla", None, n) in got
+    for n in lengths + [2048]:
+        for mode in ("refrag", "refrag-cached", "refrag-policy", "ceiling"):
+            assert (mode, 16, n) in got
+    assert ("vanilla", None, 2048) not in got, "2048 tokens is past the quick profile's vanilla window"
+    for r in rows:
+        t = r["ttft_s"]
+        assert t["n"] == 1 and 0 < t["min"] <= t["median"] <= t["max"]
+        assert r["tpot_s"] > 0 and r["kv_blocks"] >= 1
+    engine = res["offline"]["engine"]
+    assert engine["peak_memory_startup_mib"] > 0 and engine["peak_memory_measuring_mib"] > 0
+
+
+def test_positions_shrink_about_k_times_and_the_ceiling_matches_them(quick_results):
+    _, res = quick_results
+    idx = {(r["mode"], r["k"], r["context_tokens"]): r for r in res["offline"]["rows"]}
+    for n in (256, 512):
+        vanilla = idx[("vanilla", None, n)]["positions"]
+        cached = idx[("refrag-cached", 16, n)]["positions"]
+        assert cached == idx[("ceiling", 16, n)]["positions"]
+        assert abs(idx[("refrag", 16, n)]["positions"] - cached) <= 0.05 * cached  # other passages, same sizes
+        assert n / 16 < cached < vanilla - n * 0.8
+        policy = idx[("refrag-policy", 16, n)]
+        assert policy["positions"] > cached and policy["expanded"] >= 1
+
+
+def test_throughput_server_crosscheck_and_transformers_rows(quick_results):
+    _, res = quick_results
+    modes = {r["mode"] for r in res["offline"]["throughput"]}
+    assert modes == {"vanilla", "refrag", "refrag-cached", "refrag-policy"}
+    assert all(r["output_tokens"] == r["requests"] * res["config"]["throughput_tokens"] for r in res["offline"]["throughput"])
+    server = {(r["mode"], r["context_tokens"]) for r in res["server"]["rows"]}
+    assert {("vanilla", 256), ("refrag", 256), ("refrag-cached", 256), ("refrag-policy", 256), ("refrag", 2048)} <= server
+    cross = res["server"]["bench_serve"]
+    assert len(cross) == 1 and cross[0]["bench_serve_median_ttft_ms"] > 0
+    assert [r["context_tokens"] for r in res["transformers"]] == [256, 512]
+
+
+def test_report_files(quick_results):
+    out, res = quick_results
+    md = (out / "results.md").read_text()
+    assert "speed-up vs vanilla" in md and "ceiling speed-up" in md and "vllm bench serve" in md
+    assert res["command"] in md
+    for png in ("ttft_vs_length.png", "speedup_vs_length.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
