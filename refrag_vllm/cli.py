@@ -1,4 +1,4 @@
-"""``refrag-vllm`` command line: build, positions, demo, serve."""
+"""``refrag-vllm`` command line: build, positions, demo, serve, index, ask."""
 
 from __future__ import annotations
 
@@ -132,14 +132,74 @@ def cmd_demo(args) -> None:
         prompts["REFRAG + policy expanding 10% of chunks"] = builder.build(question, passages, expand_fraction=0.1)
     # On CPU, gpu_memory_utilization is the share of RAM vLLM reserves; this process already
     # holds the prompt builder and its policy, so ask for half (plenty for a 135M model).
-    llm = LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
-              gpu_memory_utilization=0.5)
+    llm = make_llm(model)
     params = SamplingParams(max_tokens=48, temperature=0.0)
     print(f"\nQ: {question}  (passages: the docstrings of json.dumps, json.loads, json.JSONDecoder)")
     for name, prompt in prompts.items():
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         print(f"\n[{name}] {builder.num_positions(prompt)} decoder positions")
         print(f"A: {out.outputs[0].text.strip()}")
+
+
+def make_llm(model: str | Path):
+    """The CLI's offline engine.  On CPU, gpu_memory_utilization is the share of RAM vLLM
+    reserves; this process also holds prompt builders (and the policy), so ask for half."""
+    from vllm import LLM
+
+    return LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
+               gpu_memory_utilization=0.5)
+
+
+def cmd_index(args) -> None:
+    from .index import build_index
+
+    model = ensure_default_checkpoint(Path(args.model))
+    if args.ray:
+        from .ray_index import build_index_ray
+
+        index = build_index_ray(args.corpus, args.out, model, batch_size=args.batch_size,
+                                num_workers=args.workers, address=args.ray_address)
+    else:
+        index = build_index(args.corpus, args.out, model, batch_size=args.batch_size)
+    print(f"{args.out}: {len(index)} passages, {index.meta['num_chunk_rows']} cached chunks "
+          f"(k={index.identity['k']}, checkpoint {index.identity['checkpoint']})")
+
+
+def cmd_ask(args) -> None:
+    from vllm import SamplingParams
+
+    from .index import PassageIndex
+    from .rag import RefragRAG
+
+    index = PassageIndex.open(args.index)  # fail before starting an engine
+    index.check_model(args.model)
+    if args.questions:
+        from .batch_qa import answer_file, answer_file_ray, read_questions
+
+        read_questions(args.questions)  # bad input: fail before starting engines
+        if not args.out:
+            raise FileNotFoundError("--questions needs --out FILE.jsonl for the answers")
+        if args.ray:
+            n = answer_file_ray(args.index, args.model, args.questions, args.out, num_workers=args.workers,
+                                top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
+                                address=args.ray_address)
+        else:
+            n = answer_file(RefragRAG(index, make_llm(args.model), model_dir=args.model), args.questions,
+                            args.out, top_k=args.top_k, mode=args.mode,
+                            sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+        print(f"{n} answers -> {args.out}")
+        return
+    if not args.question:
+        raise FileNotFoundError("give a question, or --questions FILE.jsonl --out FILE.jsonl")
+    rag = RefragRAG(index, make_llm(args.model), model_dir=args.model)
+    answer = rag.generate([args.question], top_k=args.top_k, mode=args.mode,
+                          sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))[0]
+    print(f"Q: {answer.question}")
+    print(f"A: {answer.answer.strip()}")
+    print(f"\n[{answer.mode}] {answer.positions} decoder positions; passages used:")
+    for hit in answer.passages:
+        text = " ".join(hit.text.split())
+        print(f"  {hit.score:.3f}  {hit.id}  {text[:100]}{'...' if len(text) > 100 else ''}")
 
 
 def _has_policy(model_dir: Path) -> bool:
@@ -185,6 +245,29 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server (extra args go to vLLM)")
     s.add_argument("model", nargs="?", help=f"checkpoint (default: build/serve {DEFAULT_CHECKPOINT})")
 
+    i = sub.add_parser("index", help="FAISS index of a corpus + the REFRAG cache of its chunks (appendable)")
+    i.add_argument("--corpus", required=True, help=".txt (one passage a line) or .jsonl (text, optional id)")
+    i.add_argument("--out", required=True, help="index folder (created, or extended with new passages)")
+    i.add_argument("--model", default=str(DEFAULT_CHECKPOINT), help="the checkpoint the cache is for")
+    i.add_argument("--batch-size", type=int, default=64)
+    i.add_argument("--ray", action="store_true", help="embed with Ray Data workers, then merge")
+    i.add_argument("--workers", type=int, default=2, help="Ray workers (with --ray)")
+    i.add_argument("--ray-address", default=None,
+                   help="Ray cluster (default: RAY_ADDRESS, else a local cluster); e.g. ray://head:10001")
+
+    a = sub.add_parser("ask", help="retrieve, compress and answer a question (or a jsonl of them)")
+    a.add_argument("question", nargs="?")
+    a.add_argument("--questions", help="jsonl of {\"question\", \"id\"?}: answer them all (needs --out)")
+    a.add_argument("--out", help="answers jsonl (with --questions)")
+    a.add_argument("--ray", action="store_true", help="with --questions: Ray Data workers, one engine each")
+    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--ray-address", default=None)
+    a.add_argument("--index", required=True)
+    a.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+    a.add_argument("--mode", choices=["refrag", "refrag-nocache", "vanilla"], default="refrag")
+    a.add_argument("--top-k", type=int, default=3)
+    a.add_argument("--max-tokens", type=int, default=128)
+
     args, extra = parser.parse_known_args(argv)
     if args.command == "serve":
         cmd_serve(args, extra)
@@ -196,6 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         cmd_positions(args)
     elif args.command == "demo":
         cmd_demo(args)
+    else:
+        from .index import CacheMismatchError, CorpusError
+
+        try:
+            cmd_index(args) if args.command == "index" else cmd_ask(args)
+        except (CorpusError, CacheMismatchError, FileNotFoundError) as e:
+            parser.exit(2, f"refrag-vllm {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

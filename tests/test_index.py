@@ -1,0 +1,183 @@
+"""The passage index: FAISS retrieval on real text, the REFRAG cache, appends, resumes and bad input.
+
+Retrieval uses the shipped all-MiniLM-L6-v2 (sentence-transformers, offline); the cache
+is built for the tiny random checkpoint of the other tests.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from refrag_vllm.index import (CHUNKS, META, PASSAGES, CacheMismatchError, CorpusError, IndexWriter,
+                               PassageIndex, build_index, content_id, read_corpus)
+
+RETRIEVAL_TOP1_THRESHOLD = 0.8
+"""A sentence taken from a passage must retrieve that passage first in >= 80% of cases."""
+
+
+def sentences(text):
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 8]
+
+
+def real_passages(n=120, stride=7):
+    """Docstrings of the Python standard library (real prose, offline), 40-120 words each:
+    every ``stride``-th one, so that many modules are represented, and none sharing a
+    sentence with another (each question names one right passage)."""
+    from refrag_vllm.corpora import docstring_texts
+
+    out, seen, eligible = [], set(), 0
+    for doc in docstring_texts(min_words=40):
+        sents = sentences(doc)
+        if len(doc.split()) <= 120 and len(sents) >= 2 and not seen & set(sents):
+            eligible += 1
+            if eligible % stride == 0:
+                out.append(doc)
+                seen.update(sents)
+        if len(out) == n:
+            return out
+    raise AssertionError("not enough docstrings")
+
+
+def question_for(text):
+    """The passage's longest sentence after the first (docstrings often open alike)."""
+    return max(sentences(text)[1:], key=len)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(real_passages())))
+    return path
+
+
+@pytest.fixture(scope="module")
+def index(corpus, tiny_ckpt, tmp_path_factory):
+    return build_index(corpus, tmp_path_factory.mktemp("idx") / "index", tiny_ckpt, batch_size=32, progress=False)
+
+
+def test_retrieval_top1_on_real_text(index):
+    from refrag_vllm.index import Retriever
+
+    questions, expected = [], []
+    for row, rec in enumerate(index.records):
+        questions.append(question_for(rec["text"]))
+        expected.append(row)
+    hits = index.search(Retriever(index.meta["retriever"]["model"]).embed(questions), 1)
+    accuracy = np.mean([h[0].row == e for h, e in zip(hits, expected)])
+    assert accuracy >= RETRIEVAL_TOP1_THRESHOLD, accuracy
+
+
+def test_cache_rows_are_the_checkpoints_projection(index, reference, builder):
+    from refrag_vllm import CompressedChunks
+    from refrag_vllm.prompt import chunk_text
+
+    for row in (0, 7, len(index) - 1):
+        text = index.records[row]["text"]
+        texts = [chunk_text(builder.tokenizer, c) for c in builder.chunk_passage(text)]
+        with torch.no_grad():
+            expected = reference._project_items([CompressedChunks.from_texts(texts)])[0].float()
+        cached = index.chunk_embeds(row)
+        assert cached.shape == expected.shape == (len(texts), reference.config.hidden_size)
+        torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_appending_gives_the_same_index_as_one_build(corpus, index, tiny_ckpt, tmp_path):
+    lines = corpus.read_text().splitlines(keepends=True)
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(lines[:50]))
+    out = tmp_path / "index"
+    assert len(build_index(first, out, tiny_ckpt, batch_size=32, progress=False)) == 50
+    again = build_index(corpus, out, tiny_ckpt, batch_size=32, progress=False)  # adds the other 70
+    assert [r["id"] for r in again.records] == [r["id"] for r in index.records]
+    np.testing.assert_allclose(again.vectors(), index.vectors(), atol=1e-5)
+    for row in (3, 60, 119):
+        torch.testing.assert_close(again.chunk_embeds(row), index.chunk_embeds(row), atol=1e-5, rtol=1e-5)
+    assert len(build_index(corpus, out, tiny_ckpt, progress=False)) == len(index)  # nothing new: no-op
+
+
+def test_an_interrupted_build_resumes(corpus, index, tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    real_add = IndexWriter.add
+    calls = []
+
+    def add_then_die(self, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        real_add(self, *args)
+
+    monkeypatch.setattr(IndexWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(corpus, out, tiny_ckpt, batch_size=32, progress=False)
+    monkeypatch.setattr(IndexWriter, "add", real_add)
+    partial = PassageIndex.open(out)
+    assert len(partial) == 64
+    # bytes a crash left past the commit point are ignored, then overwritten
+    with open(out / CHUNKS, "ab") as f:
+        f.write(b"\x00" * 1000)
+    with open(out / PASSAGES, "a") as f:
+        f.write('{"id": "torn li')
+    assert len(PassageIndex.open(out)) == 64
+    done = build_index(corpus, out, tiny_ckpt, batch_size=32, progress=False)
+    assert [r["id"] for r in done.records] == [r["id"] for r in index.records]
+    torch.testing.assert_close(done.chunk_embeds(119), index.chunk_embeds(119))
+
+
+def test_a_build_that_never_committed_starts_clean(corpus, tiny_ckpt, tmp_path):
+    out = tmp_path / "index"
+    out.mkdir()
+    (out / CHUNKS).write_bytes(b"junk")
+    (out / PASSAGES).write_text("junk\n")
+    assert len(build_index(corpus, out, tiny_ckpt, progress=False)) == 120
+
+
+def test_bad_corpora_are_reported_and_nothing_is_written(tiny_ckpt, tmp_path):
+    out = tmp_path / "index"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(CorpusError, match="no passages"):
+        build_index(empty, out, tiny_ckpt, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:3: not valid JSON"):
+        build_index(bad, out, tiny_ckpt, progress=False)
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"text": "fine"}\n{"body": "x"}\n')
+    with pytest.raises(CorpusError, match=r":2: expected an object"):
+        read_corpus(no_text)
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text('{"id": "a", "text": "one"}\n{"id": "a", "text": "two"}\n')
+    with pytest.raises(CorpusError, match="two different texts"):
+        read_corpus(clash)
+    csv = tmp_path / "x.csv"
+    csv.write_text("a")
+    with pytest.raises(CorpusError, match=r"\.txt .* or \.jsonl"):
+        read_corpus(csv)
+    assert not out.exists()
+
+
+def test_txt_corpus_ids_are_content_hashes(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("first passage\n\nsecond passage\nfirst passage\n")
+    recs = read_corpus(path)
+    assert [r.text for r in recs] == ["first passage", "second passage"]
+    assert recs[0].id == content_id("first passage")
+
+
+def test_missing_index_and_wrong_checkpoint_or_k(index, tiny_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an index"):
+        PassageIndex.open(tmp_path / "nowhere")
+    from tiny_models import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=1)
+    with pytest.raises(CacheMismatchError, match="built for checkpoint"):
+        index.check_model(other)
+    other_k = make_tiny_checkpoint(tmp_path / "k8", k=8, seed=0)
+    with pytest.raises(CacheMismatchError, match="k=16.*k=8"):
+        index.check_model(other_k)
+    index.check_model(tiny_ckpt)
+    meta = json.loads((index.path / META).read_text())
+    assert meta["cache"]["k"] == 16 and meta["num_passages"] == 120
