@@ -86,7 +86,8 @@ def server_table(res: dict) -> list[str]:
 def memory_lines(eng: dict) -> list[str]:
     if "peak_memory_startup_mib" not in eng:
         return []
-    return ["", f"Peak memory (PSS of this process and the engine's): {eng['peak_memory_startup_mib'] / 1024:.1f} GiB "
+    return ["", f"Peak memory (sum of the peak RSS of this process and the engine's): "
+            f"{eng['peak_memory_startup_mib'] / 1024:.1f} GiB "
             "while the engine starts (vLLM profiles the encoder with its largest inputs), "
             f"{eng['peak_memory_measuring_mib'] / 1024:.1f} GiB while measuring (all modes on one engine; "
             "memory is not returned between rows, so it is not split by mode)."]
@@ -144,17 +145,9 @@ def plots(res: dict, out: Path) -> list[Path]:
         style = "--" if label.startswith("ceiling") else "-"
         ax.plot([r["context_tokens"] for r in rs], [r["ttft_s"]["median"] for r in rs], style, label=label,
                 marker="o", markersize=3, linewidth=2.5 if label == "vanilla" else 1.2)
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("retrieved context (tokens)")
-    ax.set_ylabel("TTFT, batch 1, cold (s)")
-    ax.set_title("TTFT vs context length (offline vLLM engine)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths = [out / "ttft_vs_length.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [_save(fig, ax, out / "ttft_vs_length.png", "TTFT, batch 1, cold (s)",
+                   "TTFT vs context length (offline vLLM engine)")]
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, rs in sorted(series.items()):
@@ -165,17 +158,24 @@ def plots(res: dict, out: Path) -> list[Path]:
                if ("vanilla", None, r["context_tokens"]) in idx]
         if pts:
             ax.plot(*zip(*pts), "--" if label.startswith("ceiling") else "-o", label=label, markersize=3)
+    paths.append(_save(fig, ax, out / "speedup_vs_length.png", "TTFT speed-up over vanilla (×)",
+                       "Speed-up vs context length (dashed: ceiling at the same positions)"))
+    return paths
+
+
+def _save(fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_xlabel("retrieved context (tokens)")
-    ax.set_ylabel("TTFT speed-up over vanilla (×)")
-    ax.set_title("Speed-up vs context length (dashed: ceiling at the same positions)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    paths.append(out / "speedup_vs_length.png")
-    fig.savefig(paths[1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def write_report(res: dict, out: Path) -> None:

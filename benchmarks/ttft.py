@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,41 +90,40 @@ def _median_spread(xs: list[float]) -> dict:
 
 
 class PeakMemory:
-    """Peak memory (PSS: shared pages split between processes, so the sum is not inflated)
-    of this process and its children (the engine), sampled every 0.1 s."""
+    """Peak resident memory of this process and its children (the engine), from the
+    kernel's own high-water marks (``VmHWM``), so nothing is sampled while timing.
 
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _pss(self) -> int:
-        import psutil
-
-        total = 0
-        for p in [self._proc] + self._proc.children(recursive=True):
-            try:
-                total += p.memory_full_info().pss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, self._pss())
+    Entering resets the marks (``/proc/PID/clear_refs``); ``peak`` is the sum of the
+    processes' peaks on exit (shared pages count once per process, so it is an upper bound).
+    """
 
     def __enter__(self) -> "PeakMemory":
-        self.peak = self._pss()
-        self._thread.start()
+        for pid in self._pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._pss())
+        self.peak = sum(self._hwm(pid) for pid in self._pids())
+
+    @staticmethod
+    def _pids() -> list[int]:
+        import psutil
+
+        me = psutil.Process()
+        return [me.pid] + [c.pid for c in me.children(recursive=True)]
+
+    @staticmethod
+    def _hwm(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
 
 # ---------------------------------------------------------------- offline engine

@@ -641,18 +641,13 @@ def _check_record(record: Any, required: tuple[str, ...]) -> str | None:
 
 
 def _iter_jsonl(path: str | Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-            problem = _check_record(record, required)
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            yield lineno, record
+    from refrag_vllm.corpora import iter_jsonl
+
+    for lineno, record in iter_jsonl(path):
+        problem = _check_record(record, required)
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        yield lineno, record
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ("text",)) -> list[dict]:

@@ -13,29 +13,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .index import CorpusError
+from .corpora import CorpusError, iter_jsonl
 
 
 def read_questions(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such questions file")
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
-                raise CorpusError(f"{path}:{lineno}: expected an object with a non-empty string \"question\"")
-            qid = str(obj.get("id", lineno))
-            if qid in seen:
-                raise CorpusError(f"{path}:{lineno}: duplicate id {qid!r}")
-            seen.add(qid)
-            out.append({"id": qid, "question": obj["question"]})
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise CorpusError(f"{path}:{lineno}: expected an object with a non-empty string \"question\"")
+        qid = str(obj.get("id", lineno))
+        if qid in seen:
+            raise CorpusError(f"{path}:{lineno}: duplicate id {qid!r}")
+        seen.add(qid)
+        out.append({"id": qid, "question": obj["question"]})
     if not out:
         raise CorpusError(f"{path}: no questions")
     return out

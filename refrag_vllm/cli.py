@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         cmd_demo(args)
     else:
-        from .index import CacheMismatchError, CorpusError
+        from .corpora import CorpusError
+        from .index import CacheMismatchError
 
         try:
             cmd_index(args) if args.command == "index" else cmd_ask(args)

@@ -1,4 +1,5 @@
-"""Real English text available offline on any machine with this package installed.
+"""Reading corpora (jsonl line by line, errors with ``path:line``), and real English
+text available offline on any machine with this package installed.
 
 Docstrings of the Python standard library, then of the installed packages (torch,
 transformers, vllm, ...), read with ``ast`` (nothing is imported or run),
@@ -10,9 +11,30 @@ Debian's ``python3-doc`` instead.
 from __future__ import annotations
 
 import ast
+import json
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+
+class CorpusError(ValueError):
+    """An input file cannot be used (missing, empty, a malformed line, conflicting ids)."""
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed JSON)`` per non-blank line; a malformed line raises
+    :class:`CorpusError` naming ``path:line``."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
 
 
 def docstring_texts(min_words: int = 20) -> Iterator[str]:

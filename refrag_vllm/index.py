@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .config import ENCODER_TOKENIZER_DIR, load_refrag_config
+from .corpora import CorpusError, iter_jsonl
 
 FORMAT = 1
 META, PASSAGES, FAISS_INDEX, CHUNKS = "meta.json", "passages.jsonl", "faiss.index", "chunks.f32"
@@ -39,10 +40,6 @@ META, PASSAGES, FAISS_INDEX, CHUNKS = "meta.json", "passages.jsonl", "faiss.inde
 
 class CacheMismatchError(ValueError):
     """The index's REFRAG cache was built for another checkpoint or k."""
-
-
-class CorpusError(ValueError):
-    """The corpus file cannot be indexed (empty, malformed line, conflicting ids)."""
 
 
 # ------------------------------------------------------------------ corpus
@@ -64,33 +61,25 @@ def read_corpus(path: str | Path) -> list[PassageRecord]:
     :class:`CorpusError`.  Passages without an id get a hash of their text.
     """
     path = Path(path)
+    if path.suffix not in (".jsonl", ".txt"):
+        raise CorpusError(f"{path}: corpus must be .txt (one passage a line) or .jsonl")
     if not path.exists():
         raise CorpusError(f"{path}: no such corpus file")
     records: list[PassageRecord] = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise CorpusError(f"{path}:{lineno}: expected an object with a string field \"text\"")
-                if not obj["text"].strip():
-                    raise CorpusError(f"{path}:{lineno}: empty \"text\"")
-                pid = obj.get("id")
-                if pid is not None and not isinstance(pid, (str, int)):
-                    raise CorpusError(f"{path}:{lineno}: \"id\" must be a string or an integer")
-                text = obj["text"].strip()
-                records.append(PassageRecord(str(pid) if pid is not None else content_id(text), text))
-        elif path.suffix == ".txt":
-            for line in f:
-                if line.strip():
-                    records.append(PassageRecord(content_id(line.strip()), line.strip()))
-        else:
-            raise CorpusError(f"{path}: corpus must be .txt (one passage a line) or .jsonl")
+    if path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise CorpusError(f"{path}:{lineno}: expected an object with a string field \"text\"")
+            if not obj["text"].strip():
+                raise CorpusError(f"{path}:{lineno}: empty \"text\"")
+            pid = obj.get("id")
+            if pid is not None and not isinstance(pid, (str, int)):
+                raise CorpusError(f"{path}:{lineno}: \"id\" must be a string or an integer")
+            text = obj["text"].strip()
+            records.append(PassageRecord(str(pid) if pid is not None else content_id(text), text))
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = [PassageRecord(content_id(line.strip()), line.strip()) for line in f if line.strip()]
     if not records:
         raise CorpusError(f"{path}: the corpus has no passages")
     seen: dict[str, str] = {}

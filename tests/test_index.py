@@ -142,7 +142,7 @@ def test_bad_corpora_are_reported_and_nothing_is_written(tiny_ckpt, tmp_path):
         build_index(empty, out, tiny_ckpt, progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
-    with pytest.raises(CorpusError, match=r"bad.jsonl:3: not valid JSON"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl:3: malformed JSON"):
         build_index(bad, out, tiny_ckpt, progress=False)
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text('{"text": "fine"}\n{"body": "x"}\n')

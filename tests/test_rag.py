@@ -103,7 +103,7 @@ def test_cli_errors_are_clear(tiny_ckpt, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     done = _cli("index", "--corpus", str(bad), "--out", str(tmp_path / "i"), "--model", str(tiny_ckpt))
-    assert done.returncode == 2 and "bad.jsonl:2: not valid JSON" in done.stderr
+    assert done.returncode == 2 and "bad.jsonl:2: malformed JSON" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "i").exists()
     missing = _cli("ask", "--index", str(tmp_path / "none"), "--model", str(tiny_ckpt), "q")
     assert missing.returncode == 2 and "not an index" in missing.stderr
