@@ -41,16 +41,20 @@ class PassageSource:
                 raise RuntimeError(f"out of unique benchmark text after {self.used_tokens} tokens")
             self._buffer += self.tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"]
 
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` unused token ids."""
+        self._fill(n)
+        ids, self._buffer = self._buffer[:n], self._buffer[n:]
+        self.used_tokens += n
+        return ids
+
     def passages(self, context_tokens: int) -> list[str]:
         """About ``context_tokens`` tokens of fresh text as passages of ``passage_tokens``."""
         out = []
         remaining = context_tokens
         while remaining > 0:
             n = min(self.passage_tokens, remaining)
-            self._fill(n)
-            ids, self._buffer = self._buffer[:n], self._buffer[n:]
-            self.used_tokens += n
-            out.append(self.tokenizer.decode(ids).strip())
+            out.append(self.tokenizer.decode(self.take(n)).strip())
             remaining -= n
         return out
 
@@ -140,9 +144,7 @@ class RequestFactory:
         fill = positions - len(self._head) - len(self._tail)
         if fill < 1:
             raise ValueError(f"{positions} positions leave no room for context")
-        self.source._fill(fill)
-        middle, self.source._buffer = self.source._buffer[:fill], self.source._buffer[fill:]
-        ids = self._head + middle + self._tail
+        ids = self._head + self.source.take(fill) + self._tail
         text = self.tokenizer.decode(ids)
         return self._request("ceiling", k, context_tokens, {"prompt_token_ids": ids}, text)
 

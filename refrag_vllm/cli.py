@@ -171,27 +171,28 @@ def cmd_ask(args) -> None:
     from .index import PassageIndex
     from .rag import RefragRAG
 
-    index = PassageIndex.open(args.index)  # fail before starting an engine
-    index.check_model(args.model)
+    index = PassageIndex.open(args.index)
     if args.questions:
         from .batch_qa import answer_file, answer_file_ray, read_questions
 
         read_questions(args.questions)  # bad input: fail before starting engines
         if not args.out:
             raise FileNotFoundError("--questions needs --out FILE.jsonl for the answers")
-        if args.ray:
+        if args.ray:  # checks the cache's checkpoint itself, before starting workers
             n = answer_file_ray(args.index, args.model, args.questions, args.out, num_workers=args.workers,
                                 top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
                                 address=args.ray_address)
         else:
-            n = answer_file(RefragRAG(index, make_llm(args.model), model_dir=args.model), args.questions,
-                            args.out, top_k=args.top_k, mode=args.mode,
+            rag = RefragRAG(index, model_dir=args.model)  # checks the cache's checkpoint: no engine yet
+            rag.llm = make_llm(args.model)
+            n = answer_file(rag, args.questions, args.out, top_k=args.top_k, mode=args.mode,
                             sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
         print(f"{n} answers -> {args.out}")
         return
     if not args.question:
         raise FileNotFoundError("give a question, or --questions FILE.jsonl --out FILE.jsonl")
-    rag = RefragRAG(index, make_llm(args.model), model_dir=args.model)
+    rag = RefragRAG(index, model_dir=args.model)  # checks the cache's checkpoint: no engine yet
+    rag.llm = make_llm(args.model)
     answer = rag.generate([args.question], top_k=args.top_k, mode=args.mode,
                           sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))[0]
     print(f"Q: {answer.question}")

@@ -149,26 +149,19 @@ class PolicyExpander:
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "PolicyExpander":
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
         from .checkpoint import load_tensors
-        from .config import ENCODER_TOKENIZER_DIR, load_refrag_config
-        from .encoder import ChunkEncoder
+        from .config import load_refrag_config
+        from .encoder import load_chunk_encoder
 
         _, cfg = load_refrag_config(model_dir)
         if cfg.expansion_policy is None:
             raise ValueError(f"{model_dir}: this checkpoint has no trained expansion policy")
-        weights = load_tensors(Path(model_dir), ("chunk_encoder.", "expansion_policy."))
-        encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
-        encoder.load_state_dict({k[len("chunk_encoder."):]: v.float() for k, v in weights.items()
-                                 if k.startswith("chunk_encoder.")}, strict=False)
+        weights = load_tensors(model_dir, ("chunk_encoder.", "expansion_policy."))
+        encoder, tok = load_chunk_encoder(model_dir, cfg, weights)
         policy = ExpansionPolicy(cfg.expansion_policy)
         policy.load_state_dict({k[len("expansion_policy."):]: v.float() for k, v in weights.items()
                                 if k.startswith("expansion_policy.")})
-        tok = AutoTokenizer.from_pretrained(str(Path(model_dir) / ENCODER_TOKENIZER_DIR))
-        return cls(encoder, tok, policy, cfg.encoder_max_tokens)
+        return cls(encoder.float(), tok, policy, cfg.encoder_max_tokens)
 
     @torch.no_grad()
     def choose(self, chunk_texts: list[str], fraction: float) -> list[int]:

@@ -155,26 +155,18 @@ class CacheProjector:
 
     def __init__(self, model_dir: str | Path) -> None:
         from .checkpoint import load_tensors
-        from .encoder import ChunkEncoder
+        from .encoder import load_chunk_encoder
         from .projector import ChunkProjector
         from .prompt import RefragPromptBuilder
 
-        model_dir = Path(model_dir)
-        raw, cfg = load_refrag_config(model_dir)
+        _, cfg = load_refrag_config(model_dir)
         self.builder = RefragPromptBuilder.from_pretrained(model_dir)
-        self.encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
-        self.projector = ChunkProjector(cfg.projector)
         tensors = load_tensors(model_dir, ("chunk_encoder.", "projector."))
-        dtype = next(iter(tensors.values())).dtype
-        self.encoder.load_state_dict({k[len("chunk_encoder."):]: v for k, v in tensors.items()
-                                      if k.startswith("chunk_encoder.")}, strict=False)
+        self.encoder, self.encoder_tokenizer = load_chunk_encoder(model_dir, cfg, tensors)
+        self.projector = ChunkProjector(cfg.projector)
         self.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items()
                                         if k.startswith("projector.")})
-        self.encoder.to(dtype).eval()
-        self.projector.to(dtype).eval()
-        from transformers import AutoTokenizer
-
-        self.encoder_tokenizer = AutoTokenizer.from_pretrained(str(model_dir / ENCODER_TOKENIZER_DIR))
+        self.projector.to(next(self.encoder.parameters()).dtype).eval()
         self.max_tokens = cfg.encoder_max_tokens
 
     def chunk_texts(self, passage: str) -> list[str]:
@@ -270,9 +262,6 @@ class PassageIndex:
         chunks = np.memmap(self.path / CHUNKS, dtype=np.float32, mode="r", offset=r["chunk_row"] * width * 4,
                            shape=(r["num_chunks"], width))
         return torch.from_numpy(np.array(chunks))
-
-    def row_of(self, passage_id: str) -> int:
-        return self._ids[passage_id]
 
     def vectors(self) -> np.ndarray:
         """All passage embeddings, ``(n, dim)`` (for comparing builds)."""
