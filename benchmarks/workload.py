@@ -9,7 +9,8 @@ Modes, all for the same question and passages on the same engine and decoder:
 * ``vanilla``        passages as plain tokens;
 * ``refrag``         raw chunk text, the encoder runs in the engine (uncached);
 * ``refrag-cached``  precomputed projected vectors (the REFRAG cache path);
-* ``refrag-policy``  like ``refrag`` with the RL policy keeping a fraction of chunks raw;
+* ``refrag-policy``  the RL policy (timed, client side) keeps a fraction of chunks raw; the
+                     others go to the engine as the encoder vectors the policy computed;
 * ``ceiling``        plain tokens, as many decoder positions as a REFRAG prompt.
 """
 
@@ -174,18 +175,15 @@ class RequestFactory:
     def refrag_policy(self, context_tokens: int, k: int, fraction: float) -> Request:
         import time
 
-        from refrag_vllm.prompt import Passage
-
         b = self.builder(k)
         passages = self.source.passages(context_tokens)
         start = time.perf_counter()
-        expand = b.policy_expansions(passages, fraction)
+        marked = b.policy_passages(passages, fraction)
         prep = time.perf_counter() - start
-        marked = [Passage(text=p, expand=tuple(e)) for p, e in zip(passages, expand)]
         prompt = b.build(self.question, marked)
         return self._request("refrag-policy", k, context_tokens, prompt,
                              chat_text(self.tokenizer, b.format_user_message(self.question, marked)), prep,
-                             fraction=fraction, expanded=sum(map(len, expand)))
+                             fraction=fraction, expanded=sum(len(p.expand) for p in marked))
 
     def make(self, mode: str, context_tokens: int, k: int | None = None, fraction: float = 0.1) -> Request:
         if mode == "vanilla":

@@ -140,7 +140,10 @@ class PolicyExpander:
     """Front-end selective expansion: the checkpoint's encoder + policy, run before the engine.
 
     Which chunks stay raw tokens changes the prompt's token layout, so the choice is
-    made where the prompt is built (offline builder or server renderer), on CPU.
+    made where the prompt is built (offline builder or server renderer), on CPU.  The
+    encoder runs in the checkpoint's dtype, as in the engine, and its vectors go on to
+    the engine for the chunks that stay compressed (:meth:`encode`, then
+    :meth:`choose_from_embeds`).
     """
 
     def __init__(self, encoder, encoder_tokenizer, policy: ExpansionPolicy, max_tokens: int) -> None:
@@ -161,14 +164,24 @@ class PolicyExpander:
         policy = ExpansionPolicy(cfg.expansion_policy)
         policy.load_state_dict({k[len("expansion_policy."):]: v.float() for k, v in weights.items()
                                 if k.startswith("expansion_policy.")})
-        return cls(encoder.float(), tok, policy, cfg.encoder_max_tokens)
+        return cls(encoder, tok, policy, cfg.encoder_max_tokens)
 
     @torch.no_grad()
-    def choose(self, chunk_texts: list[str], fraction: float) -> list[int]:
-        """Indices (sorted) of the chunks to keep expanded, ``round(fraction * L)`` of them."""
+    def encode(self, chunk_texts: list[str]) -> torch.Tensor:
+        """Chunk texts -> their encoder vectors ``(L, encoder_hidden)``, float32."""
         from .encoder import tokenize_chunks
 
+        ids, mask = tokenize_chunks(self.encoder_tokenizer, chunk_texts, self.max_tokens)
+        return self.encoder(ids, mask).float()
+
+    def choose_from_embeds(self, chunk_embeds: torch.Tensor, fraction: float) -> list[int]:
+        """Indices (sorted) of the chunks to keep expanded, ``round(fraction * L)`` of them."""
+        if chunk_embeds.shape[0] == 0 or num_expanded(chunk_embeds.shape[0], fraction) == 0:
+            return []
+        return choose_expansions(self.policy, chunk_embeds, fraction)
+
+    def choose(self, chunk_texts: list[str], fraction: float) -> list[int]:
+        """:meth:`choose_from_embeds` of the texts' vectors."""
         if not chunk_texts or num_expanded(len(chunk_texts), fraction) == 0:
             return []
-        ids, mask = tokenize_chunks(self.encoder_tokenizer, chunk_texts, self.max_tokens)
-        return choose_expansions(self.policy, self.encoder(ids, mask).float(), fraction)
+        return self.choose_from_embeds(self.encode(chunk_texts), fraction)

@@ -7,6 +7,9 @@ prompt string as
     <passage expand="0,3">plain text, chunks 0 and 3 kept as raw tokens</passage>
     <passage format="encoder">BASE64 safetensors (n, encoder_hidden)</passage>
     <passage format="projected">BASE64 safetensors (n, decoder_hidden)</passage>
+    <passage expand="2" encoder="BASE64 (n, encoder_hidden)">plain text, with the encoder
+        vectors of all its n chunks: compressed chunks go to the engine as those
+        vectors (the policy path, which has already encoded every chunk)</passage>
 
 :meth:`RefragPromptBuilder.render` cuts each text passage into chunks of k
 *decoder* tokens; compressed runs become ``refrag_chunk`` items (one placeholder
@@ -29,7 +32,7 @@ from .config import MODALITY, RefragConfig, load_refrag_config
 
 _PASSAGE_RE = re.compile(r"<passage(?P<attrs>(?:\s+[A-Za-z_]+=\"[^\"]*\")*)\s*>(?P<body>.*?)</passage>", re.S)
 _ATTR_RE = re.compile(r"\s+([A-Za-z_]+)=\"([^\"]*)\"")
-_PASSAGE_FIELDS = {"format", "expand"}
+_PASSAGE_FIELDS = {"format", "expand", "encoder"}
 _FORMATS = {"text", "encoder", "projected"}
 
 Prompt = dict[str, Any]
@@ -44,6 +47,10 @@ class Passage:
     chunks: CompressedChunks | None = None
     expand: tuple[int, ...] = ()
     """Chunk indices (of a text passage) to keep as raw decoder tokens."""
+    encoder_embeds: Any = None
+    """``(num_chunks, encoder_hidden)``: the encoder's vectors of every chunk of a text
+    passage (expanded ones too).  Its compressed chunks are then sent as these vectors
+    (``encoder`` items), so the engine does not encode them again."""
 
 
 def has_passages(text: str) -> bool:
@@ -57,19 +64,27 @@ def chunk_text(tokenizer, chunk_ids: Sequence[int]) -> str:
 
 
 def chunk_pieces(
-    tokenizer, chunks: Sequence[Sequence[int]], expand: Sequence[int] = (), max_items: int = 256
+    tokenizer, chunks: Sequence[Sequence[int]], expand: Sequence[int] = (), max_items: int = 256,
+    encoder_embeds=None,
 ) -> list[int | CompressedChunks]:
     """Chunks of decoder tokens -> prompt pieces: raw token ids for expanded chunks,
-    ``CompressedChunks`` (text kind, at most ``max_items`` chunks each) for runs of
-    compressed ones.  Serving, training and evaluation all cut contexts here.
+    ``CompressedChunks`` (at most ``max_items`` chunks each) for runs of compressed
+    ones.  Serving, training and evaluation all cut contexts here.
+
+    Runs are text items, or, given ``encoder_embeds (len(chunks), encoder_hidden)``,
+    encoder items holding those rows.
     """
     expand = set(int(e) for e in expand)
     pieces: list[int | CompressedChunks] = []
-    run: list[str] = []
+    run: list[int] = []
 
     def flush() -> None:
         if run:
-            pieces.extend(CompressedChunks.from_texts(run).split(max_items))
+            if encoder_embeds is None:
+                item = CompressedChunks.from_texts([chunk_text(tokenizer, chunks[j]) for j in run])
+            else:
+                item = CompressedChunks.from_encoder_embeds(encoder_embeds[run[0] : run[-1] + 1])
+            pieces.extend(item.split(max_items))
             run.clear()
 
     for j, chunk_ids in enumerate(chunks):
@@ -77,7 +92,7 @@ def chunk_pieces(
             flush()
             pieces.extend(int(t) for t in chunk_ids)
         else:
-            run.append(chunk_text(tokenizer, chunk_ids))
+            run.append(j)
     flush()
     return pieces
 
@@ -161,7 +176,14 @@ class RefragPromptBuilder:
             raise ValueError(
                 f"passage {index}: expand indices {bad} out of range (passage has {len(chunks)} chunks)"
             )
-        return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items)
+        embeds = passage.encoder_embeds
+        if embeds is not None:
+            embeds = check_embeds(embeds, width=self.cfg.encoder_hidden_size,
+                                  what=f"passage {index} (encoder embeddings of its chunks)")
+            if embeds.shape[0] != len(chunks):
+                raise ValueError(f"passage {index}: {embeds.shape[0]} encoder embeddings for "
+                                 f"{len(chunks)} chunks of k={self.k} tokens")
+        return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items, embeds)
 
     def _parse_passage_markup(self, attrs: str, body: str, index: int) -> Passage:
         fields = dict(_ATTR_RE.findall(attrs))
@@ -174,6 +196,7 @@ class RefragPromptBuilder:
         if fmt not in _FORMATS:
             raise ValueError(f"passage {index}: unknown format {fmt!r}; allowed: {sorted(_FORMATS)}")
         if fmt == "text":
+            encoder_embeds = decode_embeds(fields["encoder"]) if "encoder" in fields else None
             expand: tuple[int, ...] = ()
             if fields.get("expand", "").strip():
                 try:
@@ -183,9 +206,9 @@ class RefragPromptBuilder:
                         f"passage {index}: expand must be comma-separated chunk indices, "
                         f"got {fields['expand']!r}"
                     ) from None
-            return Passage(text=body, expand=expand)
-        if "expand" in fields:
-            raise ValueError(f"passage {index}: expand applies to text passages only")
+            return Passage(text=body, expand=expand, encoder_embeds=encoder_embeds)
+        if "expand" in fields or "encoder" in fields:
+            raise ValueError(f"passage {index}: expand and encoder apply to text passages only")
         if not body.strip():
             raise ValueError(f"passage {index} is empty")
         width = self.cfg.encoder_hidden_size if fmt == "encoder" else self.decoder_hidden_size
@@ -228,6 +251,8 @@ class RefragPromptBuilder:
         if "<passage" in body or "</passage>" in body:
             raise ValueError("a passage's text must not contain <passage> markup")
         expand = f' expand="{",".join(map(str, passage.expand))}"' if passage.expand else ""
+        if passage.encoder_embeds is not None:
+            expand += f' encoder="{encode_embeds(passage.encoder_embeds)}"'
         return f"<passage{expand}>{body}</passage>"
 
     def format_user_message(self, question: str, passages: Sequence[str | Passage | CompressedChunks]) -> str:
@@ -252,14 +277,15 @@ class RefragPromptBuilder:
 
         ``expand[i]`` lists chunk indices of passage ``i`` kept as raw tokens.  Or
         ``expand_fraction=p``: the checkpoint's RL policy picks ``round(p * L)`` of
-        the L chunks of all text passages (needs ``from_pretrained(..., load_policy=True)``).
+        the L chunks of all text passages (needs ``from_pretrained(..., load_policy=True)``);
+        the policy's encoder vectors are reused for the compressed chunks.
         Uses the decoder's chat template when it has one.
         """
         passages = list(passages)
         if expand_fraction is not None:
             if expand is not None:
                 raise ValueError("give expand or expand_fraction, not both")
-            expand = self.policy_expansions(passages, expand_fraction)
+            passages = self.policy_passages(passages, expand_fraction)
         if expand is not None:
             if len(expand) != len(passages):
                 raise ValueError(f"expand has {len(expand)} entries for {len(passages)} passages")
@@ -277,22 +303,31 @@ class RefragPromptBuilder:
         text = f"{system}\n\n{content}" if system else content
         return self.render(text, add_special_tokens=True)
 
-    def policy_expansions(self, passages: Sequence[str | Passage | CompressedChunks], fraction: float) -> list[list[int]]:
-        """Per passage, the chunk indices the policy keeps expanded (over all passages' chunks at once)."""
+    def policy_passages(self, passages: Sequence[str | Passage | CompressedChunks],
+                        fraction: float) -> list[Passage | CompressedChunks]:
+        """The policy's choice over all text passages' chunks at once: each text passage
+        becomes ``Passage(text, expand=its picked chunks, encoder_embeds=its chunks' vectors)``;
+        other passages are returned as given."""
         if self.expander is None:
             raise ValueError("expand_fraction needs the policy: RefragPromptBuilder.from_pretrained(dir, load_policy=True)")
-        texts: list[str] = []
-        owners: list[tuple[int, int]] = []
-        for i, p in enumerate(passages):
-            if isinstance(p, str):
-                for j, chunk in enumerate(self.chunk_passage(p)):
-                    texts.append(chunk_text(self.tokenizer, chunk))
-                    owners.append((i, j))
-        expand: list[list[int]] = [[] for _ in passages]
-        for g in self.expander.choose(texts, fraction):
-            i, j = owners[g]
-            expand[i].append(j)
-        return expand
+        chunked = {i: self.chunk_passage(p) for i, p in enumerate(passages) if isinstance(p, str)}
+        texts = [chunk_text(self.tokenizer, c) for chunks in chunked.values() for c in chunks]
+        if not texts:
+            return list(passages)
+        embeds = self.expander.encode(texts)
+        picks = set(self.expander.choose_from_embeds(embeds, fraction))
+        out: list[Passage | CompressedChunks] = list(passages)
+        start = 0
+        for i, chunks in chunked.items():
+            rows = range(start, start + len(chunks))
+            out[i] = Passage(text=passages[i], expand=tuple(j - start for j in rows if j in picks),
+                             encoder_embeds=embeds[rows.start : rows.stop])
+            start = rows.stop
+        return out
+
+    def policy_expansions(self, passages: Sequence[str | Passage | CompressedChunks], fraction: float) -> list[list[int]]:
+        """Per passage, the chunk indices the policy keeps expanded (over all passages' chunks at once)."""
+        return [list(p.expand) if isinstance(p, Passage) else [] for p in self.policy_passages(passages, fraction)]
 
     @staticmethod
     def num_positions(prompt: Prompt) -> int:

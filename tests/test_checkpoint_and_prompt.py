@@ -61,6 +61,32 @@ def test_expanded_chunks_are_raw_tokens(builder):
     assert items[0].texts == (builder.tokenizer.decode(chunks[0]),)
 
 
+def test_text_passage_with_its_encoder_vectors(builder):
+    """Expanded chunks stay tokens; compressed runs carry the given rows as encoder items;
+    the markup round-trips (what a client sends to the server)."""
+    from refrag_vllm.prompt import Passage
+
+    chunks = builder.chunk_passage(PASSAGES[0])
+    vectors = torch.randn(len(chunks), builder.cfg.encoder_hidden_size)
+    passage = Passage(text=PASSAGES[0], expand=(1,), encoder_embeds=vectors)
+    by_hand = builder.build(QUESTION, [PASSAGES[0]], expand=[[1]])
+    prompt = builder.build(QUESTION, [passage])
+    assert prompt["prompt_token_ids"] == by_hand["prompt_token_ids"]
+    items = prompt["multi_modal_data"]["refrag_chunk"]
+    assert [i.kind for i in items] == ["encoder", "encoder"]
+    assert torch.equal(items[0].embeds, vectors[:1]) and torch.equal(items[1].embeds, vectors[2:])
+    marked = builder.format_passage(passage)
+    assert 'expand="1" encoder="' in marked
+    again = builder.render(marked)["multi_modal_data"]["refrag_chunk"]
+    assert all(torch.equal(a.embeds, b.embeds) for a, b in zip(again, items))
+    with pytest.raises(ValueError, match=f"{len(chunks) - 1} encoder embeddings for {len(chunks)} chunks"):
+        builder.build(QUESTION, [Passage(text=PASSAGES[0], encoder_embeds=vectors[1:])])
+    with pytest.raises(ValueError, match="width"):
+        builder.build(QUESTION, [Passage(text=PASSAGES[0], encoder_embeds=torch.zeros(len(chunks), 7))])
+    with pytest.raises(ValueError, match="NaN"):
+        builder.build(QUESTION, [Passage(text=PASSAGES[0], encoder_embeds=vectors * float("nan"))])
+
+
 def test_long_passage_split_into_bounded_items(builder):
     long = " ".join(PASSAGES * 40)
     prompt = builder.build(QUESTION, [long])
@@ -74,6 +100,8 @@ def test_long_passage_split_into_bounded_items(builder):
     ('<passage expand="99">short text</passage>', "out of range"),
     ('<passage expand="a,b">short text</passage>', "comma-separated"),
     ('<passage colour="red">short text</passage>', "unknown field"),
+    ('<passage encoder="%%%">short text</passage>', "base64"),
+    (f'<passage format="projected" encoder="{encode_embeds(torch.zeros(1, 32))}">x</passage>', "text passages only"),
     ("<passage>unterminated", "malformed"),
     ("hello <|refrag_chunk|>", "placeholder"),
 ])

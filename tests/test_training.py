@@ -391,6 +391,11 @@ def test_builder_expands_the_chunks_the_policy_picks(trained):
     by_policy = builder.build("Q?", PASSAGES, expand_fraction=0.25)
     by_hand = builder.build("Q?", PASSAGES, expand=expand)
     assert by_policy["prompt_token_ids"] == by_hand["prompt_token_ids"]
+    # The policy's encoder vectors stand in for the compressed chunks' texts: same scores.
+    assert {i.kind for i in by_policy["multi_modal_data"]["refrag_chunk"]} == {"encoder"}
+    with torch.no_grad():
+        lp_policy, lp_hand = reference.target_logprobs([by_policy, by_hand], [4, 4])
+    torch.testing.assert_close(lp_policy, lp_hand, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="load_policy"):
         RefragPromptBuilder.from_pretrained(ckpt).build("Q?", PASSAGES, expand_fraction=0.25)
 
