@@ -41,10 +41,13 @@ def offline_table(res: dict) -> list[str]:
 
 
 def throughput_table(res: dict) -> list[str]:
-    lines = ["| mode | context tokens | requests | output tokens | seconds | output tok/s |", "|---|---|---|---|---|---|"]
-    for r in res["offline"]["throughput"]:
+    rows = res["offline"]["throughput"]
+    vanilla = next((r["output_tokens_per_s"] for r in rows if r["mode"] == "vanilla"), float("nan"))
+    lines = ["| mode | context tokens | requests | output tokens | seconds | output tok/s | × vanilla |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
         lines.append(f"| {_label(r)} | {r['context_tokens']} | {r['requests']} | {r['output_tokens']} "
-                     f"| {r['seconds']:.2f} | {r['output_tokens_per_s']:.2f} |")
+                     f"| {r['seconds']:.2f} | {r['output_tokens_per_s']:.2f} | {r['output_tokens_per_s'] / vanilla:.2f} |")
     return lines
 
 
@@ -86,11 +89,17 @@ def server_table(res: dict) -> list[str]:
 def memory_lines(eng: dict) -> list[str]:
     if "peak_memory_startup_mib" not in eng:
         return []
-    return ["", f"Peak memory (sum of the peak RSS of this process and the engine's): "
-            f"{eng['peak_memory_startup_mib'] / 1024:.1f} GiB "
-            "while the engine starts (vLLM profiles the encoder with its largest inputs), "
-            f"{eng['peak_memory_measuring_mib'] / 1024:.1f} GiB while measuring (all modes on one engine; "
-            "memory is not returned between rows, so it is not split by mode)."]
+    def split(key: str) -> str:
+        parts = eng.get(key)
+        return f" ({', '.join(f'{n} {v / 1024:.1f}' for n, v in parts.items())})" if parts else ""
+
+    return ["", f"Peak memory (the sum of the processes' peak RSS, GiB): "
+            f"{eng['peak_memory_startup_mib'] / 1024:.1f} while the engine starts"
+            f"{split('peak_memory_startup_by_process_mib')}, "
+            f"{eng['peak_memory_measuring_mib'] / 1024:.1f} while measuring"
+            f"{split('peak_memory_measuring_by_process_mib')}. All modes share one engine and "
+            "memory is not returned between rows, so it is not split by mode; the client holds "
+            "the fp32 reference model that fills the REFRAG cache and the policy."]
 
 
 def markdown(res: dict) -> str:
@@ -104,7 +113,8 @@ def markdown(res: dict) -> str:
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB; torch {m['torch']}, "
         f"vLLM {m['vllm']}  ",
         f"Engine (every mode): max_model_len {cfg['max_model_len']}, max_num_batched_tokens {cfg['max_model_len']}, "
-        f"prefix caching off, mm processor cache off, bf16, KV cache {cfg['kv_cache_gib']} GiB, block size "
+        f"prefix caching off, mm processor cache off, "
+        f"{'encoder start-up profile skipped, ' if cfg.get('skip_mm_profiling') else ''}bf16, KV cache {cfg['kv_cache_gib']} GiB, block size "
         f"{eng['block_size']}, {'eager' if cfg['enforce_eager'] else 'compiled'}, OpenMP threads bound to "
         f"{cfg.get('omp_bind', 'auto')!r} (VLLM_CPU_OMP_THREADS_BIND; reserved CPUs {cfg.get('reserved_cpus', -1)}); "
         f"startup {eng['startup_s']:.0f} s.  ",
