@@ -165,11 +165,20 @@ def cmd_index(args) -> None:
           f"(k={index.identity['k']}, checkpoint {index.identity['checkpoint']})")
 
 
+def _rag_with_engine(index, model: str):
+    """RAG over ``index`` with the CLI's engine; the cache's checkpoint is checked first,
+    so a mismatch fails before an engine starts."""
+    from .rag import RefragRAG
+
+    rag = RefragRAG(index, model_dir=model)
+    rag.llm = make_llm(model)
+    return rag
+
+
 def cmd_ask(args) -> None:
     from vllm import SamplingParams
 
     from .index import PassageIndex
-    from .rag import RefragRAG
 
     index = PassageIndex.open(args.index)
     if args.questions:
@@ -183,17 +192,13 @@ def cmd_ask(args) -> None:
                                 top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
                                 address=args.ray_address)
         else:
-            rag = RefragRAG(index, model_dir=args.model)  # checks the cache's checkpoint: no engine yet
-            rag.llm = make_llm(args.model)
-            n = answer_file(rag, args.questions, args.out, top_k=args.top_k, mode=args.mode,
-                            sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+            n = answer_file(_rag_with_engine(index, args.model), args.questions, args.out, top_k=args.top_k,
+                            mode=args.mode, sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
         print(f"{n} answers -> {args.out}")
         return
     if not args.question:
         raise FileNotFoundError("give a question, or --questions FILE.jsonl --out FILE.jsonl")
-    rag = RefragRAG(index, model_dir=args.model)  # checks the cache's checkpoint: no engine yet
-    rag.llm = make_llm(args.model)
-    answer = rag.generate([args.question], top_k=args.top_k, mode=args.mode,
+    answer = _rag_with_engine(index, args.model).generate([args.question], top_k=args.top_k, mode=args.mode,
                           sampling_params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))[0]
     print(f"Q: {answer.question}")
     print(f"A: {answer.answer.strip()}")

@@ -179,9 +179,3 @@ class PolicyExpander:
         if chunk_embeds.shape[0] == 0 or num_expanded(chunk_embeds.shape[0], fraction) == 0:
             return []
         return choose_expansions(self.policy, chunk_embeds, fraction)
-
-    def choose(self, chunk_texts: list[str], fraction: float) -> list[int]:
-        """:meth:`choose_from_embeds` of the texts' vectors."""
-        if not chunk_texts or num_expanded(len(chunk_texts), fraction) == 0:
-            return []
-        return self.choose_from_embeds(self.encode(chunk_texts), fraction)
