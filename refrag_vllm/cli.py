@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-minilm-k16")
+BUILT_FROM = "refrag_built_from.json"  # in a built checkpoint: the delta it applied, and its fingerprint
 _DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
@@ -31,7 +33,7 @@ def cmd_build(args) -> Path:
 
     from .checkpoint import assemble_model, write_checkpoint
     from .default_models import load_decoder, load_encoder
-    from .delta import apply_delta, read_delta_meta
+    from .delta import SHIPPED_DELTA, apply_delta, delta_fingerprint, read_delta_meta
 
     dtype = getattr(torch, args.dtype)
     delta = default_delta(args)
@@ -46,6 +48,10 @@ def cmd_build(args) -> Path:
         print(f"trained weights: {delta}")
         model = apply_delta(model, delta, chunk_size=k)
     out = write_checkpoint(model, args.out, dec_tok, enc_tok)
+    built_from = {"delta": str(delta) if delta else None,
+                  "shipped": bool(delta) and Path(delta).resolve() == SHIPPED_DELTA.resolve(),
+                  "delta_sha256": delta_fingerprint(delta) if delta else None}
+    (Path(out) / BUILT_FROM).write_text(json.dumps(built_from, indent=2) + "\n")
     print(f"wrote {out} (k={k}, dtype={args.dtype})")
     if not delta and not (weights and any(n.startswith("projector.") for n in weights)):
         print(
@@ -92,8 +98,35 @@ def cmd_positions(args) -> None:
     print(f"ratio: {c / u:.3f} (1/{u / c:.1f})")
 
 
+def stale_default_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` no longer holds the shipped weights, or None.
+
+    Only a checkpoint built from the shipped delta (its ``refrag_built_from.json`` says
+    so), or one at the default path without that record (built before it existed),
+    is compared; a checkpoint built from other weights is the user's and left alone.
+    """
+    from .delta import SHIPPED_DELTA, delta_fingerprint
+
+    if not (path / "config.json").exists() or not (SHIPPED_DELTA / "refrag_delta.json").exists():
+        return None
+    record = path / BUILT_FROM
+    if not record.exists():
+        same = path.resolve() == DEFAULT_CHECKPOINT.resolve()
+        return f"{path} has no {BUILT_FROM} (built by an older version)" if same else None
+    built = json.loads(record.read_text())
+    if not built.get("shipped"):
+        return None
+    if built.get("delta_sha256") != delta_fingerprint(SHIPPED_DELTA):
+        return f"the shipped trained weights in {SHIPPED_DELTA} changed since {path} was built"
+    return None
+
+
 def ensure_default_checkpoint(path: Path) -> Path:
-    if not (path / "config.json").exists():
+    """Build the default checkpoint at ``path`` if it is missing or holds outdated shipped weights."""
+    stale = stale_default_checkpoint(path)
+    if stale:
+        print(f"rebuilding {path}: {stale}")
+    if stale or not (path / "config.json").exists():
         cmd_build(argparse.Namespace(out=str(path), decoder=None, encoder=None, k=None, weights=None,
                                      delta=None, no_delta=False, dtype="bfloat16"))
     return path

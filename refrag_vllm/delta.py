@@ -75,6 +75,18 @@ def copy_delta(src: str | Path, dst: str | Path, dtype: torch.dtype = DELTA_DTYP
     return dst
 
 
+def delta_fingerprint(delta_dir: str | Path) -> str:
+    """sha256 over a delta folder's files (name and bytes): which trained weights a checkpoint holds."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEADS, META):
+        path = Path(delta_dir) / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def read_delta_meta(delta_dir: str | Path) -> dict[str, Any]:
     path = Path(delta_dir) / META
     if not path.exists():

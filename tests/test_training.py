@@ -368,6 +368,39 @@ def test_shipped_delta_is_small_and_complete():
         assert (SHIPPED_DELTA / name).exists()
 
 
+def test_default_checkpoint_rebuilt_when_shipped_weights_change(tmp_path):
+    """A checkpoint built from the shipped delta is stale once that delta changes; others are left alone."""
+    from refrag_vllm.cli import BUILT_FROM, stale_default_checkpoint
+    from refrag_vllm.delta import SHIPPED_DELTA, delta_fingerprint
+
+    if not (SHIPPED_DELTA / "refrag_delta.json").exists():
+        pytest.skip("no trained delta shipped yet")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+
+    def built_from(delta, shipped, sha):
+        (ckpt / BUILT_FROM).write_text(json.dumps({"delta": delta, "shipped": shipped, "delta_sha256": sha}))
+
+    built_from(str(SHIPPED_DELTA), True, delta_fingerprint(SHIPPED_DELTA))
+    assert stale_default_checkpoint(ckpt) is None
+    built_from(str(SHIPPED_DELTA), True, "0" * 64)
+    assert "changed" in stale_default_checkpoint(ckpt)
+    built_from(str(tmp_path / "my-delta"), False, "0" * 64)  # the user's own weights
+    assert stale_default_checkpoint(ckpt) is None
+    built_from(None, False, None)  # --no-delta
+    assert stale_default_checkpoint(ckpt) is None
+    (ckpt / BUILT_FROM).unlink()  # no record, not at the default path
+    assert stale_default_checkpoint(ckpt) is None
+    # The fingerprint follows the bytes of the delta's files.
+    copy = tmp_path / "delta"
+    shutil.copytree(SHIPPED_DELTA, copy)
+    assert delta_fingerprint(copy) == delta_fingerprint(SHIPPED_DELTA)
+    meta = json.loads((copy / "refrag_delta.json").read_text())
+    (copy / "refrag_delta.json").write_text(json.dumps({**meta, "step": meta["step"] + 1}))
+    assert delta_fingerprint(copy) != delta_fingerprint(SHIPPED_DELTA)
+
+
 def test_builder_expands_the_chunks_the_policy_picks(trained):
     from refrag_vllm import RefragPromptBuilder
     from refrag_vllm.expansion_policy import num_expanded
