@@ -66,7 +66,7 @@ def test_config_rejects_unknown_keys():
         config_from_dict({"cpt": {"learning_rate": 1e-4}})
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_config("no-such-config")
-    for name in ("cpu", "gpu", "tiny", "ablation_long_recon"):
+    for name in ("cpu", "gpu", "tiny", "ablation_long_recon", "ablation_encoder_cpt"):
         load_config(name)
     assert load_config("cpu").run.default_chunk_size == 16
 
