@@ -105,9 +105,9 @@ def stale_default_checkpoint(path: Path) -> str | None:
     so), or one at the default path without that record (built before it existed),
     is compared; a checkpoint built from other weights is the user's and left alone.
     """
-    from .delta import SHIPPED_DELTA, delta_fingerprint
+    from .delta import META, SHIPPED_DELTA, delta_fingerprint
 
-    if not (path / "config.json").exists() or not (SHIPPED_DELTA / "refrag_delta.json").exists():
+    if not (path / "config.json").exists() or not (SHIPPED_DELTA / META).exists():
         return None
     record = path / BUILT_FROM
     if not record.exists():
