@@ -40,7 +40,7 @@ def _data_dir(args, cfg) -> Path:
 def _record_time(run_dir: Path, what: str, seconds: float) -> None:
     path = run_dir / "timing.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
-    timing[what] = round(timing.get(what, 0.0) + seconds, 1)
+    timing[what] = round(seconds, 1)
     path.write_text(json.dumps(timing, indent=2) + "\n")
 
 
@@ -82,11 +82,10 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             continue
         if previous is not None and not (run_dir / name / "last").exists():
             model.load_delta_weights(previous)
-        if corpus is None and name != "sft":
+        if corpus is None and (name != "sft" or cfg.sft.replay_batch_size):
             docs = read_jsonl(data_dir / "train.jsonl")
             corpus = TokenCorpus.cached([d["text"] for d in docs], model.tokenizer, run_dir / "train_tokens.npz")
             print(f"training corpus: {len(docs)} documents, {corpus.num_tokens} tokens")
-        started = time.time()
         if name == "reconstruction":
             final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
         elif name == "cpt":
@@ -95,8 +94,9 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             final = train_policy(model, corpus, run_dir, use_mlflow=use_mlflow)
         else:
             examples = read_jsonl(data_dir / "qa_train.jsonl", required=("question", "answer", "passages"))
-            final = train_sft(model, examples, run_dir, use_mlflow=use_mlflow)
-        _record_time(run_dir, name, time.time() - started)
+            final = train_sft(model, examples, run_dir, corpus, use_mlflow=use_mlflow)
+        # The stage's own clock, summed over interrupted runs (trainer.Stage.elapsed_s).
+        _record_time(run_dir, name, json.loads((final / "state.json").read_text())["elapsed_s"])
         previous = final
     if final is None and previous is None:
         raise SystemExit("no stage has finished yet")

@@ -128,6 +128,11 @@ class SFTConfig:
     batch_size: int = 4
     train_decoder: bool = True
     train_encoder: bool = True
+    replay_batch_size: int = 0
+    """CPT samples added to every step (``replay_chunks`` chunks of ``run.default_chunk_size``,
+    then ``cpt.continuation_tokens`` to predict); their mean loss is added to the QA loss, so
+    that SFT does not wash out the compressed-context language modelling CPT taught."""
+    replay_chunks: int = 16
 
 
 @dataclass

@@ -8,11 +8,12 @@ projector and (with ``train_decoder``) the decoder's LoRA learn.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from .curriculum import curriculum_batches
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
-from .samples import TokenCorpus, context_sample, random_expansion
+from .samples import Sample, TokenCorpus, context_sample, random_expansion
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "cpt"
@@ -28,19 +29,22 @@ def plan(model: TrainingModel):
                               lambda n, k: n + c.continuation_tokens + expanded(n, k))
 
 
-def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
+def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
+                          rng: random.Random) -> Sample:
+    """One CPT sample: ``num_chunks * k`` context tokens compressed (with probability
+    ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict."""
     c = model.cfg.cpt
+    s = num_chunks * k
+    window = corpus.window(s + c.continuation_tokens, rng)
+    mixed = rng.random() < c.mixed_fraction
+    expand = random_expansion(num_chunks, c.expand_fraction, rng) if mixed else []
+    return context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand)
+
+
+def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     b = steps[step]
     rng = step_rng(model.cfg.run.seed, NAME, step)
-    s, o = b.num_chunks * b.chunk_size, c.continuation_tokens
-    samples = []
-    for _ in range(b.batch_size):
-        window = corpus.window(s + o, rng)
-        mixed = rng.random() < c.mixed_fraction
-        expand = random_expansion(b.num_chunks, c.expand_fraction, rng) if mixed else []
-        samples.append(context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:],
-                                      b.chunk_size, expand))
-    return samples
+    return [next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng) for _ in range(b.batch_size)]
 
 
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:

@@ -20,13 +20,18 @@ def plot_training(run_dir: str | Path, out_png: str | Path, stages=("reconstruct
     for ax, stage in zip(axes[0], present):
         rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         key = "reward" if stage == "policy" else "loss"
+        # A stage with several sample groups (SFT with replay) logs each group's loss: plot those.
+        keys = sorted(k for k in rows[0] if k.startswith("loss_")) or [key]
         steps = [r["step"] for r in rows]
-        values = [r[key] for r in rows]
-        ax.plot(steps, values, lw=0.8, alpha=0.5)
-        window = max(1, len(values) // 15)
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-                  for i in range(len(values))]
-        ax.plot(steps, smooth, lw=2)
+        for k in keys:
+            values = [r[k] for r in rows]
+            raw, = ax.plot(steps, values, lw=0.8, alpha=0.5)
+            window = max(1, len(values) // 15)
+            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                      for i in range(len(values))]
+            ax.plot(steps, smooth, lw=2, color=raw.get_color(), label=k[len("loss_"):] if k != key else None)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("reward (-log-PPL)" if key == "reward" else "loss (nats/token)")

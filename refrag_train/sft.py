@@ -3,7 +3,9 @@
 The QA pairs are derived from the Python documentation by ``refrag-train prepare``
 (see ``data.py``): each question asks about an API entry, its passages are that
 entry's documentation and other entries of the same page, all compressed.  The loss
-is on the answer and the end-of-turn token.
+is on the answer and the end-of-turn token.  With ``replay_batch_size``, every step also
+holds CPT samples (next-paragraph prediction) and adds their mean loss: without them,
+SFT washed out much of what CPT taught the model about compressed contexts.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 from refrag_vllm.prompt import RefragPromptBuilder
 
+from .cpt import next_paragraph_sample
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
-from .samples import qa_sample
+from .samples import TokenCorpus, qa_sample
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "sft"
@@ -36,20 +39,29 @@ def end_of_turn_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def make_batch(model: TrainingModel, examples: list[dict], step: int):
+def make_batch(model: TrainingModel, examples: list[dict], step: int, corpus: TokenCorpus | None = None):
+    """QA samples; with ``replay_batch_size``, ``{"qa": [...], "replay": [CPT samples]}``."""
     sc = model.cfg.sft
     rng = step_rng(model.cfg.run.seed, NAME, step)
     builder = prompt_builder(model, model.cfg.run.default_chunk_size)
     eos = end_of_turn_id(model.tokenizer)
     batch = rng.sample(examples, min(sc.batch_size, len(examples)))
-    return [qa_sample(builder, ex["question"], ex["passages"], ex["answer"], eos) for ex in batch]
+    qa = [qa_sample(builder, ex["question"], ex["passages"], ex["answer"], eos) for ex in batch]
+    if not sc.replay_batch_size:
+        return qa
+    k = model.cfg.run.default_chunk_size
+    return {"qa": qa, "replay": [next_paragraph_sample(model, corpus, sc.replay_chunks, k, rng)
+                                 for _ in range(sc.replay_batch_size)]}
 
 
-def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, *, use_mlflow: bool = False) -> Path:
+def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus: TokenCorpus | None = None,
+              *, use_mlflow: bool = False) -> Path:
     sc = model.cfg.sft
     if not examples:
         raise ValueError("sft: no QA examples")
+    if sc.replay_batch_size and corpus is None:
+        raise ValueError("sft: replay_batch_size needs the training corpus")
     groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
               + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
-    return run_supervised(stage, lambda step: make_batch(model, examples, step))
+    return run_supervised(stage, lambda step: make_batch(model, examples, step, corpus))

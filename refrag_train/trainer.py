@@ -3,7 +3,7 @@
 A stage writes into ``RUN_DIR/<stage>/``:
 
     metrics.jsonl     one line per logged step
-    last/             delta + optimizer.pt + state.json, every ``save_every`` steps
+    last/             delta + optimizer.pt + state.json (step, seconds spent), every ``save_every`` steps
     final/            the stage's delta when it finished (the next stage starts from it)
 
 Step ``i``'s data comes from ``step_rng(seed, stage, i)``, so a resumed stage sees
@@ -64,6 +64,12 @@ class MetricsLog:
         if self.mlflow:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def drop_after(self, step: int) -> None:
+        """Forget rows past ``step``: a resumed stage redoes them (no duplicate steps in the log)."""
+        if self.path.exists():
+            rows = self.path.read_text().splitlines()
+            self.path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+
     def close(self) -> None:
         if self.mlflow:
             self.mlflow.end_run()
@@ -93,6 +99,7 @@ class Stage:
             raise ValueError(f"stage {name}: nothing to train in groups {groups}")
         self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.step = 0
+        self._clock, self._elapsed_before = time.monotonic(), 0.0
         self.log = MetricsLog(self.dir / "metrics.jsonl", use_mlflow=use_mlflow,
                               run_name=f"{run_dir.name}/{name}", params=model.cfg.to_dict())
         self.save_every = model.cfg.run.save_every
@@ -115,6 +122,8 @@ class Stage:
         self.model.load_delta_weights(last)
         self.optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
         self.step = int(state["step"])
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.log.drop_after(self.step)
         print(f"[{self.name}] resuming at step {self.step}/{self.total_steps}")
 
     def save(self, where: Path) -> None:
@@ -122,9 +131,16 @@ class Stage:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_delta(tmp, meta={"stage": self.name, "step": self.step})
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps,
+                                                    "elapsed_s": round(self.elapsed_s, 3)}))
         shutil.rmtree(where, ignore_errors=True)
         tmp.replace(where)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds spent reaching ``self.step``, summed over interrupted runs (steps redone
+        after a crash are not counted twice)."""
+        return self._elapsed_before + time.monotonic() - self._clock
 
     def set_lr(self) -> float:
         lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup)
@@ -159,23 +175,34 @@ class Stage:
 
 def nll_loss(model: TrainingModel, samples) -> torch.Tensor:
     """Mean negative log-likelihood of all samples' target tokens (the shared scoring path)."""
-    logprobs = model.refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples])
-    return -torch.cat(logprobs).mean()
+    return group_nll_losses(model, [samples])[0]
+
+
+def group_nll_losses(model: TrainingModel, groups) -> list[torch.Tensor]:
+    """Each group's mean target NLL, ``[()]``, from one forward pass over all groups' samples."""
+    samples = [s for g in groups for s in g]
+    logprobs = iter(model.refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples]))
+    return [-torch.cat([next(logprobs) for _ in g]).mean() for g in groups]
 
 
 def run_supervised(stage: Stage, make_batch, describe=lambda step: {}) -> Path:
     """The loop of every next-token stage: batch, loss, backward, clip, AdamW, log, save.
 
-    ``make_batch(step)`` returns that step's samples (a pure function of the step).
+    ``make_batch(step)`` returns that step's samples (a pure function of the step), or a
+    dict ``{name: samples}``: the loss is then the sum of each group's mean NLL, and each
+    group's mean is logged as ``loss_<name>``.
     """
     model = stage.model
     model.train(False)  # no dropout: losses are comparable across steps and with evaluation
     with stage.progress() as bar:
         while stage.step < stage.total_steps:
-            samples = make_batch(stage.step)
+            batch = make_batch(stage.step)
+            groups = batch if isinstance(batch, dict) else {"": batch}
             lr = stage.set_lr()
-            loss = nll_loss(model, samples)
+            losses = dict(zip(groups, group_nll_losses(model, list(groups.values()))))
+            loss = sum(losses.values())
             loss.backward()
             grad_norm = stage.apply_gradients()
-            stage.end_step(bar, loss=loss.item(), lr=lr, grad_norm=grad_norm, **describe(stage.step))
+            parts = {f"loss_{name}": v.item() for name, v in losses.items() if name and len(groups) > 1}
+            stage.end_step(bar, loss=loss.item(), lr=lr, grad_norm=grad_norm, **parts, **describe(stage.step))
     return stage.finish()

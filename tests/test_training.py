@@ -192,15 +192,22 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
         fixed = cpt.make_batch(model, corpus, cpt.plan(model), 0)
         train = lambda: cpt.train_cpt(model, corpus, tmp_path)  # noqa: E731
     else:
-        fixed = sft.make_batch(model, _qa_examples(), 0)
-        train = lambda: sft.train_sft(model, _qa_examples(), tmp_path)  # noqa: E731
+        # tiny.toml's SFT replays CPT samples: every step holds both kinds, each loss logged.
+        batch = sft.make_batch(model, _qa_examples(), 0, corpus)
+        assert sorted(batch) == ["qa", "replay"] and len(batch["replay"]) == tiny_cfg.sft.replay_batch_size
+        assert all(s.prompt["multi_modal_data"] for s in batch["replay"])
+        fixed = batch["qa"] + batch["replay"]
+        train = lambda: sft.train_sft(model, _qa_examples(), tmp_path, corpus)  # noqa: E731
     before = _loss_on(model, fixed)
     final = train()
     after = _loss_on(model, fixed)
     assert after < before, (before, after)
     assert (final / "refrag_delta.json").exists()
     log = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == log[-1]["step"] and all(math.isfinite(r["loss"]) for r in log)
+    # tiny.toml logs every step: one finite row per step, in order.
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and all(math.isfinite(r["loss"]) for r in log)
+    if stage == "sft":
+        assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay"], rel_tol=1e-5) for r in log)
 
 
 def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, base_ckpt, tmp_path):
@@ -262,10 +269,18 @@ def test_resume_continues_from_the_saved_step(tiny_cfg, base_ckpt, tmp_path, cap
         reconstruction.make_batch = real
     state = json.loads((tmp_path / "b" / "reconstruction" / "last" / "state.json").read_text())
     assert state["step"] == 4  # save_every = 2
+    assert state["elapsed_s"] > 0
     resumed = _model(tiny_cfg, base_ckpt)  # a fresh process: weights come from disk
     capsys.readouterr()
     reconstruction.train_reconstruction(resumed, corpus, tmp_path / "b")
     assert "resuming at step 4" in capsys.readouterr().out
+    # The stage's clock carries on from the saved step's time.
+    final_state = json.loads((tmp_path / "b" / "reconstruction" / "final" / "state.json").read_text())
+    assert final_state["elapsed_s"] >= state["elapsed_s"]
+    # The log holds each step once: the interrupted run's row for step 5 was never written,
+    # and rows past the saved step are dropped before the resumed run redoes them.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "reconstruction" / "metrics.jsonl").open()]
+    assert steps == sorted(set(steps)) == list(range(1, final_state["step"] + 1))
     for (name, a), (_, b) in zip(straight.refrag.projector.named_parameters(),
                                  resumed.refrag.projector.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -348,6 +363,11 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     assert any("RL policy" in n for n in names) and any("random expansion" in n for n in names)
     by = {r["condition"]: r for r in result["rows"]}
     assert by["REFRAG8"]["positions"] < by["REFRAG4"]["positions"] < by["Full context"]["positions"]
+    # Both controls feed another window's context: compressed (as REFRAG4) and raw (as Full context).
+    assert by["REFRAG4, another window's chunks (control)"]["positions"] == by["REFRAG4"]["positions"]
+    raw_control = by["Full context, another window's tokens (control)"]
+    assert raw_control["positions"] == by["Full context"]["positions"]
+    assert raw_control["per_window"] != by["Full context"]["per_window"]
     assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
     assert [q["condition"] for q in result["qa"]] == ["No passages", "Compressed passages", "Raw passages"]
     md = (tmp_path / "eval.md").read_text()
