@@ -10,7 +10,8 @@ which every condition sees as given, so "no context" has something to start from
 * REFRAG16 with the RL policy expanding a fraction p of chunks, and with random
   expansion at the same rate;
 * a control: REFRAG16 with another window's chunks (equal to REFRAG16 means the
-  compressed chunks carry nothing the decoder uses).
+  compressed chunks carry nothing the decoder uses), and the same with another
+  window's raw tokens.
 
 An optional second table scores held-out RAG QA answers (the SFT format) with no
 passages, compressed passages and raw passages.  Scoring goes through the shared
@@ -82,6 +83,11 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     # scores like REFRAG-kp, the compressed chunks carry no content the decoder uses.
     conds[f"REFRAG{kp}, another window's chunks (control)"] = [
         context_sample(tokenizer, pid, windows[(i + 1) % len(windows)][:s], w[s:], kp, num_targets=o - 1)
+        for i, w in enumerate(windows)
+    ]
+    # The same control with raw tokens: what an unrelated uncompressed context does.
+    conds["Full context, another window's tokens (control)"] = [
+        Sample(pieces_to_prompt(windows[(i + 1) % len(windows)][:s] + w[s:], pid), o - 1)
         for i, w in enumerate(windows)
     ]
     # LLaMA_K: the last K raw context tokens, K = REFRAG-kp's context positions.
