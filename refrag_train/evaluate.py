@@ -81,14 +81,13 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
             context_sample(tokenizer, pid, ctx, cont, kp, random_expansion(L, p, rng), num_targets=o - 1))
     # Control: the right continuation after another window's compressed context.  If this
     # scores like REFRAG-kp, the compressed chunks carry no content the decoder uses.
+    other_ctx = [windows[(i + 1) % len(windows)][:s] for i in range(len(windows))]
     conds[f"REFRAG{kp}, another window's chunks (control)"] = [
-        context_sample(tokenizer, pid, windows[(i + 1) % len(windows)][:s], w[s:], kp, num_targets=o - 1)
-        for i, w in enumerate(windows)
+        context_sample(tokenizer, pid, other, w[s:], kp, num_targets=o - 1) for other, w in zip(other_ctx, windows)
     ]
     # The same control with raw tokens: what an unrelated uncompressed context does.
     conds["Full context, another window's tokens (control)"] = [
-        Sample(pieces_to_prompt(windows[(i + 1) % len(windows)][:s] + w[s:], pid), o - 1)
-        for i, w in enumerate(windows)
+        Sample(pieces_to_prompt(other + w[s:], pid), o - 1) for other, w in zip(other_ctx, windows)
     ]
     # LLaMA_K: the last K raw context tokens, K = REFRAG-kp's context positions.
     K = L if f"REFRAG{kp}" in conds else s // kp

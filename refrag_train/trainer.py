@@ -203,6 +203,6 @@ def run_supervised(stage: Stage, make_batch, describe=lambda step: {}) -> Path:
             loss = sum(losses.values())
             loss.backward()
             grad_norm = stage.apply_gradients()
-            parts = {f"loss_{name}": v.item() for name, v in losses.items() if name and len(groups) > 1}
+            parts = {f"loss_{name}": v.item() for name, v in losses.items()} if len(groups) > 1 else {}
             stage.end_step(bar, loss=loss.item(), lr=lr, grad_norm=grad_norm, **parts, **describe(stage.step))
     return stage.finish()
