@@ -94,7 +94,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             final = train_policy(model, corpus, run_dir, use_mlflow=use_mlflow)
         else:
             examples = read_jsonl(data_dir / "qa_train.jsonl", required=("question", "answer", "passages"))
-            final = train_sft(model, examples, run_dir, corpus, use_mlflow=use_mlflow)
+            final = train_sft(model, examples, run_dir, corpus, teacher_delta=previous, use_mlflow=use_mlflow)
         # The stage's own clock, summed over interrupted runs (trainer.Stage.elapsed_s).
         _record_time(run_dir, name, json.loads((final / "state.json").read_text())["elapsed_s"])
         previous = final

@@ -133,6 +133,10 @@ class SFTConfig:
     then ``cpt.continuation_tokens`` to predict); their mean loss is added to the QA loss, so
     that SFT does not wash out the compressed-context language modelling CPT taught."""
     replay_chunks: int = 16
+    replay_distill: float = 0.0
+    """With a weight > 0, the replay samples' loss is this weight times the KL divergence from
+    the model as it entered SFT (the previous stage's frozen weights) instead of their NLL:
+    the whole next-token distribution is kept, not just the observed token's probability."""
 
 
 @dataclass

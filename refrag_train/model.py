@@ -77,6 +77,7 @@ class TrainingModel:
     def __init__(self, cfg: TrainConfig, base_checkpoint: str | Path | None = None) -> None:
         torch.manual_seed(cfg.run.seed)
         self.cfg = cfg
+        self.base_checkpoint = base_checkpoint
         base, self.tokenizer = load_base(cfg, base_checkpoint)
         self.encoder_tokenizer = base.encoder_tokenizer
         self.lora_config = lora_config(cfg)
@@ -113,6 +114,14 @@ class TrainingModel:
                     p.requires_grad_(True)
                     params.append(p)
         return params
+
+    def frozen_copy(self, delta_dir: str | Path) -> "TrainingModel":
+        """Another model holding ``delta_dir``'s weights, nothing trainable (a distillation teacher)."""
+        copy = TrainingModel(self.cfg, self.base_checkpoint)
+        copy.load_delta_weights(delta_dir)
+        copy.trainable([])
+        copy.train(False)
+        return copy
 
     def train(self, mode: bool = True) -> None:
         self.peft_model.train(mode)

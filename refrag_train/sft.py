@@ -5,7 +5,9 @@ The QA pairs are derived from the Python documentation by ``refrag-train prepare
 entry's documentation and other entries of the same page, all compressed.  The loss
 is on the answer and the end-of-turn token.  With ``replay_batch_size``, every step also
 holds CPT samples (next-paragraph prediction) and adds their mean loss: without them,
-SFT washed out much of what CPT taught the model about compressed contexts.
+SFT washed out much of what CPT taught the model about compressed contexts.  With
+``replay_distill``, that loss is the KL divergence from the model as it entered SFT
+(learning without forgetting), which keeps more of it than the replay samples' NLL.
 """
 
 from __future__ import annotations
@@ -55,13 +57,21 @@ def make_batch(model: TrainingModel, examples: list[dict], step: int, corpus: To
 
 
 def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus: TokenCorpus | None = None,
-              *, use_mlflow: bool = False) -> Path:
+              *, teacher_delta: Path | None = None, use_mlflow: bool = False) -> Path:
+    """``teacher_delta``: the previous stage's final weights, needed with ``replay_distill``."""
     sc = model.cfg.sft
     if not examples:
         raise ValueError("sft: no QA examples")
     if sc.replay_batch_size and corpus is None:
         raise ValueError("sft: replay_batch_size needs the training corpus")
+    distill = None
+    if sc.replay_distill:
+        if not sc.replay_batch_size or teacher_delta is None:
+            raise ValueError("sft: replay_distill needs replay_batch_size > 0 and the previous stage's weights")
+        distill = ("replay", sc.replay_distill)
     groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
               + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
-    return run_supervised(stage, lambda step: make_batch(model, examples, step, corpus))
+    teacher = model.frozen_copy(teacher_delta) if distill else None
+    return run_supervised(stage, lambda step: make_batch(model, examples, step, corpus),
+                          teacher=teacher, distill=distill)

@@ -185,12 +185,25 @@ def group_nll_losses(model: TrainingModel, groups) -> list[torch.Tensor]:
     return [-torch.cat([next(logprobs) for _ in g]).mean() for g in groups]
 
 
-def run_supervised(stage: Stage, make_batch, describe=lambda step: {}) -> Path:
+def distill_loss(model: TrainingModel, teacher: TrainingModel, samples) -> torch.Tensor:
+    """Mean over all target positions of KL(teacher || model) between next-token
+    distributions, ``()``: how far ``model`` has drifted from ``teacher`` on ``samples``."""
+    prompts, num = [s.prompt for s in samples], [s.num_targets for s in samples]
+    with torch.no_grad():
+        teacher_lp = torch.log_softmax(torch.cat(teacher.refrag.target_logits(prompts, num)), -1)  # (T, vocab)
+    student_lp = torch.log_softmax(torch.cat(model.refrag.target_logits(prompts, num)), -1)
+    return torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="batchmean")
+
+
+def run_supervised(stage: Stage, make_batch, describe=lambda step: {}, *, teacher: TrainingModel | None = None,
+                   distill: tuple[str, float] | None = None) -> Path:
     """The loop of every next-token stage: batch, loss, backward, clip, AdamW, log, save.
 
     ``make_batch(step)`` returns that step's samples (a pure function of the step), or a
     dict ``{name: samples}``: the loss is then the sum of each group's mean NLL, and each
-    group's mean is logged as ``loss_<name>``.
+    group's mean is logged as ``loss_<name>``.  With ``distill=(name, weight)`` that group
+    is scored by ``weight * distill_loss`` against the frozen ``teacher`` instead, logged
+    as ``loss_<name>_kl``.
     """
     model = stage.model
     model.train(False)  # no dropout: losses are comparable across steps and with evaluation
@@ -199,7 +212,11 @@ def run_supervised(stage: Stage, make_batch, describe=lambda step: {}) -> Path:
             batch = make_batch(stage.step)
             groups = batch if isinstance(batch, dict) else {"": batch}
             lr = stage.set_lr()
-            losses = dict(zip(groups, group_nll_losses(model, list(groups.values()))))
+            nll_groups = {k: v for k, v in groups.items() if distill is None or k != distill[0]}
+            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values()))))
+            if distill is not None:
+                name, weight = distill
+                losses[f"{name}_kl"] = weight * distill_loss(model, teacher, groups[name])
             loss = sum(losses.values())
             loss.backward()
             grad_norm = stage.apply_gradients()

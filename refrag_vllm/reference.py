@@ -122,12 +122,10 @@ class RefragReferenceModel(LlamaForCausalLM):
         """One prompt dict -> ``(1, positions, hidden)`` inputs_embeds."""
         return self.embed_prompts([prompt])[0]
 
-    def target_logprobs(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
-        """Log-probabilities of each prompt's last ``num_targets[b]`` tokens, given all before.
-
-        The scoring function of training losses, rewards and evaluation alike.
-        Returns ``[(num_targets[b],)]`` fp32 (differentiable when grads are on).
-        """
+    def target_logits(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
+        """Next-token logits at each prompt's last ``num_targets[b]`` tokens (the positions
+        that predict them).  Returns ``[(num_targets[b], vocab)]`` fp32 (differentiable when
+        grads are on)."""
         inputs_embeds, attention_mask = self.embed_prompts(prompts)
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         lengths = attention_mask.sum(1).tolist()
@@ -135,10 +133,18 @@ class RefragReferenceModel(LlamaForCausalLM):
         for b, (n, length) in enumerate(zip(num_targets, lengths)):
             if not 0 < n < length:
                 raise ValueError(f"prompt {b}: {n} target tokens in a sequence of {length} positions")
-            targets = torch.tensor(prompts[b]["prompt_token_ids"][-n:], device=self.device)
-            logits = self.lm_head(hidden[b, length - n - 1 : length - 1]).float()  # (n, vocab)
-            out.append(torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1))
+            out.append(self.lm_head(hidden[b, length - n - 1 : length - 1]).float())
         return out
+
+    def target_logprobs(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
+        """Log-probabilities of each prompt's last ``num_targets[b]`` tokens, given all before.
+
+        The scoring function of training losses, rewards and evaluation alike.
+        Returns ``[(num_targets[b],)]`` fp32 (differentiable when grads are on).
+        """
+        logits = self.target_logits(prompts, num_targets)
+        return [torch.log_softmax(lg, -1).gather(1, torch.tensor(p["prompt_token_ids"][-n:], device=lg.device)[:, None])
+                .squeeze(1) for p, n, lg in zip(prompts, num_targets, logits)]
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()

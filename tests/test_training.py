@@ -210,6 +210,32 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
         assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay"], rel_tol=1e-5) for r in log)
 
 
+def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, base_ckpt, tmp_path):
+    """replay_distill scores the replay samples by KL to the weights SFT started from:
+    zero before the first update, positive once the model has moved."""
+    import dataclasses
+
+    from refrag_train import sft
+    from refrag_train.trainer import distill_loss
+
+    cfg = dataclasses.replace(tiny_cfg, sft=dataclasses.replace(tiny_cfg.sft, replay_distill=2.0))
+    model = _model(cfg, base_ckpt)
+    corpus = _corpus(model)
+    with pytest.raises(ValueError, match="previous stage"):
+        sft.train_sft(model, _qa_examples(), tmp_path, corpus)
+    start = model.save_delta(tmp_path / "start")
+    replay = sft.make_batch(model, _qa_examples(), 0, corpus)["replay"]
+    with torch.no_grad():
+        assert distill_loss(model, model.frozen_copy(start), replay).item() == pytest.approx(0.0, abs=1e-6)
+    sft.train_sft(model, _qa_examples(), tmp_path, corpus, teacher_delta=start)
+    log = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["loss_replay_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["loss_replay_kl"] > 0 for r in log[1:])
+    assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay_kl"], rel_tol=1e-5) for r in log)
+    with torch.no_grad():
+        assert distill_loss(model, model.frozen_copy(start), replay).item() > 0
+
+
 def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, base_ckpt, tmp_path):
     from refrag_train import policy_rl
 
