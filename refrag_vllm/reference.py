@@ -142,9 +142,11 @@ class RefragReferenceModel(LlamaForCausalLM):
         The scoring function of training losses, rewards and evaluation alike.
         Returns ``[(num_targets[b],)]`` fp32 (differentiable when grads are on).
         """
-        logits = self.target_logits(prompts, num_targets)
-        return [torch.log_softmax(lg, -1).gather(1, torch.tensor(p["prompt_token_ids"][-n:], device=lg.device)[:, None])
-                .squeeze(1) for p, n, lg in zip(prompts, num_targets, logits)]
+        out = []
+        for prompt, n, logits in zip(prompts, num_targets, self.target_logits(prompts, num_targets)):
+            targets = torch.tensor(prompt["prompt_token_ids"][-n:], device=logits.device)
+            out.append(torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1))
+        return out
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()
