@@ -1,6 +1,6 @@
 """Offline batch generation with ``vllm.LLM``: many RAG prompts, passages compressed.
 
-    .venv/bin/python examples/offline_batch.py [--model checkpoints/refrag-smollm2-minilm-k16]
+    .venv/bin/python examples/offline_batch.py [--model checkpoints/refrag-smollm2-k16]
 
 Each question gets the docstrings of one standard-library module as its passages; the
 whole batch goes through one ``LLM.generate`` call.

@@ -1,6 +1,6 @@
 """Stream a RAG answer from `vllm serve <refrag checkpoint>` with the stock openai client.
 
-    .venv/bin/vllm serve checkpoints/refrag-smollm2-minilm-k16 --max-model-len 8192 &
+    .venv/bin/vllm serve checkpoints/refrag-smollm2-k16 --max-model-len 8192 &
     .venv/bin/python examples/openai_chat_client.py "What does the json module do?"
     .venv/bin/python examples/openai_chat_client.py --index runs/rag-example/index "How do I copy a file?"
 

@@ -1,6 +1,7 @@
 """``refrag-train``: prepare data, run the four stages, export, evaluate.
 
     refrag-train prepare --out data/python-docs
+    refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
     refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
     refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
@@ -27,7 +28,7 @@ def _config(args):
 
     from .config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, getattr(args, "set", None))
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     return cfg
@@ -45,9 +46,14 @@ def _record_time(run_dir: Path, what: str, seconds: float) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .data import prepare
+    if args.domain == "gcide":
+        from .gcide import GCIDE_DIR, prepare_gcide
 
-    manifest = prepare(args.out, source=args.source, heldout_fraction=args.heldout_fraction, seed=args.seed)
+        manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
+    else:
+        from .data import prepare
+
+        manifest = prepare(args.out, source=args.source, heldout_fraction=args.heldout_fraction, seed=args.seed)
     print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
 
 
@@ -186,17 +192,23 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs")
+    p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs "
+                                       "(or a held-out second domain)")
     p.add_argument("--out", default="data/python-docs")
-    p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources)")
+    p.add_argument("--domain", choices=("python-docs", "gcide"), default="python-docs",
+                   help="gcide: English dictionary prose (apt-get install dict-gcide), evaluation only")
+    p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
+                                                  "or with --domain gcide the dictd folder")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_prepare)
 
     def common(p, run_dir=True):
-        p.add_argument("--config", default="cpu", help="TOML file or shipped name (cpu, gpu, tiny)")
+        p.add_argument("--config", default="cpu", help="TOML file or shipped name (cpu, cpu_minilm, gpu, probe, tiny)")
         p.add_argument("--data", default=None, help="prepared data folder (default: the config's data.dir)")
         p.add_argument("--base-checkpoint", default=None, help="start from this REFRAG checkpoint")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (a TOML value), e.g. --set reconstruction.lr=3e-3")
         if run_dir:
             p.add_argument("--run-dir", required=True)
 

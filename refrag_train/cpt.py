@@ -2,7 +2,9 @@
 
 The curriculum grows s = n*k as in reconstruction.  A share (``mixed_fraction``) of
 the samples keep a random fraction p of their chunks as raw tokens, so the model
-learns mixed inputs (the paper's p = 0.1 stage before RL).  The encoder LoRA, the
+learns mixed inputs (the paper's p = 0.1 stage before RL); another share
+(``reconstruction_fraction``) are reconstruction samples, so the chunk vectors'
+content stays readable while the decoder adapts.  The encoder LoRA, the
 projector and (with ``train_decoder``) the decoder's LoRA learn.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from .curriculum import curriculum_batches
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
-from .samples import Sample, TokenCorpus, context_sample, random_expansion
+from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "cpt"
@@ -38,13 +40,24 @@ def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks:
     window = corpus.window(s + c.continuation_tokens, rng)
     mixed = rng.random() < c.mixed_fraction
     expand = random_expansion(num_chunks, c.expand_fraction, rng) if mixed else []
-    return context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand)
+    return context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand,
+                          start=model.cfg.run.bos_first)
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     b = steps[step]
+    c = model.cfg.cpt
     rng = step_rng(model.cfg.run.seed, NAME, step)
-    return [next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng) for _ in range(b.batch_size)]
+    batch = []
+    for _ in range(b.batch_size):
+        if c.reconstruction_fraction and rng.random() < c.reconstruction_fraction:
+            n = min(b.num_chunks, c.reconstruction_max_chunks)
+            batch.append(reconstruction_sample(model.tokenizer, model.placeholder_id,
+                                               corpus.window(n * b.chunk_size, rng), b.chunk_size,
+                                               start=model.cfg.run.bos_first))
+        else:
+            batch.append(next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng))
+    return batch
 
 
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:

@@ -1,71 +1,172 @@
-"""Does a checkpoint's compression carry content?  ``python -m refrag_train.diagnose CKPT``
+"""The content probe: do a model's chunk vectors carry their chunks' content?
 
-Prints, on held-out windows: reconstruction loss from the right chunks vs from
-another window's chunks vs no chunks (the tokens alone), and the mean pairwise
-cosine of encoder and projected vectors of one window's chunks (near 1: the
-projector's output barely depends on the chunk).
+    python -m refrag_train.diagnose --checkpoint CKPT [--data DIR_OR_JSONL] [--out DIR]
+    python -m refrag_train.diagnose --run-dir RUN [--out DIR]   # a training run's latest weights
+
+On held-out windows of n x k tokens (1x16 and 4x16 by default) the decoder
+reconstructs the window's tokens, after BOS, from n chunk vectors taken from
+
+* **own**: the window's own chunks;
+* **other**: another window's chunks;
+* **mean**: one constant vector for every chunk (the mean projected vector of the probe's windows);
+* **none**: no vectors at all (the tokens alone).
+
+``other - own`` is the content the vectors carry (nats per token); ``mean - own`` is
+what a chunk's vector adds over a generic soft prompt.  It also reports the vectors'
+geometry: the mean pairwise cosine of one 256-token window's projected chunk
+vectors, the share of the average norm that the shared mean holds, and the
+projected norm against the decoder's token-embedding norm.
+
+A few hundred reconstruction steps tell which design learns content; a full recipe
+takes an hour.  Every ablation (``refrag_train/ABLATIONS.md``) and shipped table reports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
+from pathlib import Path
 
 import torch
 
+from refrag_vllm.chunks import CompressedChunks
 from refrag_vllm.prompt import chunk_text
-from refrag_vllm.reference import RefragReferenceModel
 
 from .data import read_jsonl
-from .samples import TokenCorpus, context_sample, reconstruction_sample, split_chunks
-from .trainer import nll_loss
+from .samples import TokenCorpus, context_sample, lm_sample, split_chunks
+
+SHAPES = ((1, 16), (4, 16))
+CONDITIONS = ("own", "other", "mean", "none")
 
 
 def _mean_cosine(x: torch.Tensor) -> float:
-    x = torch.nn.functional.normalize(x, dim=-1)
+    """Mean pairwise cosine of the rows of ``x (n, d)``, the diagonal left out."""
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
     sim = x @ x.T
     return float((sim.sum() - sim.diag().sum()) / (sim.numel() - len(sim)))
 
 
-class _Scorer:
-    """``nll_loss`` wants a TrainingModel; it only uses ``.refrag``."""
+def _token_nll(model, samples, batch_size: int) -> float:
+    """Mean NLL over all target tokens of ``samples`` (token-weighted)."""
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i : i + batch_size]
+        for lp in model.target_logprobs([s.prompt for s in batch], [s.num_targets for s in batch]):
+            total += float(-lp.sum())
+            count += lp.numel()
+    return total / count
 
-    def __init__(self, refrag):
-        self.refrag = refrag
+
+def _project(model, tokenizer, chunks: list[list[int]]) -> torch.Tensor:
+    """Decoder-token chunks -> projected vectors ``(len(chunks), hidden)``."""
+    return model.project_item(CompressedChunks.from_texts([chunk_text(tokenizer, c) for c in chunks]))
 
 
 @torch.no_grad()
-def diagnose(checkpoint: str, data: str, num: int = 16, seed: int = 0) -> None:
-    from transformers import AutoTokenizer
+def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_windows: int = 64, seed: int = 0,
+                  batch_size: int = 16, start: bool = True) -> dict:
+    """Reconstruction log-PPL per shape and condition, and the vectors' geometry.
 
-    model = RefragReferenceModel.load(checkpoint, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ``model`` is a ``RefragReferenceModel`` (a loaded checkpoint, or a training run's
+    model with its LoRA active).  Returns ``{"shapes": [{"n", "k", own, other, mean,
+    none}], "geometry": {...}}``.
+    """
     pid = model.refrag_config.placeholder_token_id
-    docs = read_jsonl(f"{data}/heldout.jsonl")[:10]
-    corpus = TokenCorpus.from_texts([d["text"] for d in docs], tok)
-    rng = random.Random(seed)
-    scorer = _Scorer(model)
-    for n, k in [(1, 16), (1, 8), (4, 16)]:
-        ws = [corpus.window(n * k, rng) for _ in range(num)]
-        right = nll_loss(scorer, [reconstruction_sample(tok, pid, w, k) for w in ws]).item()
-        other = nll_loss(scorer, [context_sample(tok, pid, ws[(i + 1) % num], w, k) for i, w in enumerate(ws)]).item()
-        alone = nll_loss(scorer, [context_sample(tok, pid, [], [0] + w, k, num_targets=len(w)) for w in ws]).item()
-        print(f"reconstruction {n}x{k}: right chunks {right:.3f}, another window's {other:.3f}, none {alone:.3f}")
-    window = corpus.window(256, random.Random(seed + 1))
-    enc = model.encode_texts([chunk_text(tok, c) for c in split_chunks(window, 16)]).float()
-    proj = model.projector(enc.to(model.projector.fc1.weight.dtype)).float()
-    emb = model.get_input_embeddings().weight.float()
-    print(f"pairwise cosine of 16 chunks: encoder {_mean_cosine(enc):.2f}, projected {_mean_cosine(proj):.2f}")
-    print(f"mean norm: projected {float(proj.norm(dim=-1).mean()):.1f}, token embedding {float(emb.norm(dim=-1).mean()):.1f}")
+    corpus = TokenCorpus.from_texts(texts, tokenizer, desc="tokenizing probe text")
+    rows = []
+    for n, k in shapes:
+        windows = corpus.windows(n * k, num_windows, seed)
+        mean = _project(model, tokenizer, [c for w in windows for c in split_chunks(w, k)]).mean(0)
+        mean_item = CompressedChunks.from_projected_embeds(mean.expand(n, -1).float().contiguous())
+        samples = {
+            "own": [context_sample(tokenizer, pid, w, w, k, start=start) for w in windows],
+            "other": [context_sample(tokenizer, pid, windows[(i + 1) % len(windows)], w, k, start=start)
+                      for i, w in enumerate(windows)],
+            "mean": [lm_sample(tokenizer, pid, [mean_item] + w, len(w), start) for w in windows],
+            # Without BOS the first token has nothing before it to be predicted from.
+            "none": [lm_sample(tokenizer, pid, w, len(w) if start else len(w) - 1, start) for w in windows],
+        }
+        row = {"n": n, "k": k, "windows": len(windows)}
+        row.update({c: _token_nll(model, samples[c], batch_size) for c in CONDITIONS})
+        rows.append(row)
+    window = corpus.windows(256, 8, seed + 1)
+    projected = [_project(model, tokenizer, split_chunks(w, 16)).float() for w in window]
+    every = torch.cat(projected)
+    token_norm = float(model.get_input_embeddings().weight.float().norm(dim=-1).mean())
+    geometry = {
+        "pairwise_cosine": sum(map(_mean_cosine, projected)) / len(projected),
+        "mean_share": float(every.mean(0).norm() / every.norm(dim=-1).mean()),
+        "projected_norm": float(every.norm(dim=-1).mean()),
+        "token_embedding_norm": token_norm,
+    }
+    return {"start_token": start, "shapes": rows, "geometry": geometry}
+
+
+def probe_markdown(result: dict) -> str:
+    lines = ["| probe | own | other | mean | none | other - own | mean - own |", "|---|---|---|---|---|---|---|"]
+    for r in result["shapes"]:
+        lines.append(f"| {r['n']}x{r['k']} | {r['own']:.3f} | {r['other']:.3f} | {r['mean']:.3f} | {r['none']:.3f} "
+                     f"| {r['other'] - r['own']:.3f} | {r['mean'] - r['own']:.3f} |")
+    g = result["geometry"]
+    lines += ["", f"Projected vectors: pairwise cosine {g['pairwise_cosine']:.2f} within a 16-chunk window, "
+                  f"shared mean {g['mean_share']:.2f} of the average norm, norm {g['projected_norm']:.1f} "
+                  f"(token embeddings {g['token_embedding_norm']:.1f})."]
+    return "\n".join(lines) + "\n"
+
+
+def probe_texts(data: str | Path) -> list[str]:
+    """Held-out documents: a prepared data folder (its ``heldout.jsonl``) or a jsonl file."""
+    path = Path(data)
+    return [d["text"] for d in read_jsonl(path / "heldout.jsonl" if path.is_dir() else path)]
+
+
+def write_probe(result: dict, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "probe.md").write_text(probe_markdown(result))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("checkpoint")
-    p.add_argument("--data", default="data/python-docs")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a REFRAG checkpoint folder")
+    p.add_argument("--run-dir", help="a training run: probe its latest weights (no export needed)")
+    p.add_argument("--data", default=None, help="prepared data folder or held-out jsonl (default: the config's, "
+                                                "else data/python-docs)")
+    p.add_argument("--out", default=None, help="write probe.json and probe.md here")
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--no-bos", action="store_true", help="samples without the leading BOS (the old layout; "
+                                                         "a run trained with run.bos_first=false is probed so)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    diagnose(args.checkpoint, args.data)
+    if args.checkpoint:
+        from transformers import AutoTokenizer
+
+        from refrag_vllm.reference import RefragReferenceModel
+
+        model = RefragReferenceModel.load(args.checkpoint, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        data = args.data or "data/python-docs"
+        trained_with_bos = True
+    elif args.run_dir:
+        from .cli import latest_delta
+        from .config import load_config
+        from .model import TrainingModel
+
+        cfg = load_config(Path(args.run_dir) / "config.json")
+        training = TrainingModel(cfg)
+        training.load_delta_weights(latest_delta(Path(args.run_dir)))
+        training.train(False)
+        model, tokenizer = training.refrag, training.tokenizer
+        data = args.data or cfg.data.dir
+        trained_with_bos = cfg.run.bos_first
+    else:
+        p.error("give --checkpoint or --run-dir")
+    result = content_probe(model, tokenizer, probe_texts(data), num_windows=args.windows,
+                           start=trained_with_bos and not args.no_bos)
+    print(probe_markdown(result))
+    if args.out:
+        write_probe(result, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 On held-out windows of ``s + o`` tokens, each condition feeds the s context tokens
 differently and scores the same continuation tokens (the o tokens after the first,
-which every condition sees as given, so "no context" has something to start from):
+which every condition sees as given, so "no context" has something to start from).
+Every sample starts with the tokenizer's BOS (``samples.start_ids``), so no condition
+puts its first input at the decoder's attention sink:
 
 * no context; full context (s raw tokens);
 * truncated context: the last tokens, as many positions as REFRAG16 uses (LLaMA_K);
@@ -28,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from refrag_vllm.expansion_policy import choose_expansions, num_expanded
-from refrag_vllm.prompt import RefragPromptBuilder, chunk_text, pieces_to_prompt
+from refrag_vllm.prompt import RefragPromptBuilder, chunk_text
 from refrag_vllm.reference import RefragReferenceModel
 
 from .config import EvalConfig
-from .samples import Sample, TokenCorpus, context_sample, random_expansion, split_chunks
+from .samples import Sample, TokenCorpus, context_sample, lm_sample, random_expansion, split_chunks
 
 
 def _score(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
@@ -69,7 +71,7 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     for w in windows:
         ctx, cont = w[:s], w[s:]
         conds["No context"].append(context_sample(tokenizer, pid, [], cont, kp, num_targets=o - 1))
-        conds["Full context"].append(Sample(pieces_to_prompt(ctx + cont, pid), o - 1))
+        conds["Full context"].append(lm_sample(tokenizer, pid, ctx + cont, o - 1))
         for k in ks:
             conds[f"REFRAG{k}"].append(context_sample(tokenizer, pid, ctx, cont, k, num_targets=o - 1))
         L = len(split_chunks(ctx, kp))
@@ -87,12 +89,12 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     ]
     # The same control with raw tokens: what an unrelated uncompressed context does.
     conds["Full context, another window's tokens (control)"] = [
-        Sample(pieces_to_prompt(other + w[s:], pid), o - 1) for other, w in zip(other_ctx, windows)
+        lm_sample(tokenizer, pid, other + w[s:], o - 1) for other, w in zip(other_ctx, windows)
     ]
     # LLaMA_K: the last K raw context tokens, K = REFRAG-kp's context positions.
     K = L if f"REFRAG{kp}" in conds else s // kp
     conds[f"Truncated context (last {K} tokens)"] = [
-        Sample(pieces_to_prompt(w[s - K : s] + w[s:], pid), o - 1) for w in windows
+        lm_sample(tokenizer, pid, w[s - K : s] + w[s:], o - 1) for w in windows
     ]
     return conds, num_expanded(L, p)
 
@@ -113,7 +115,8 @@ def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: in
 def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, out_dir: str | Path, *,
              qa_examples: list[dict] | None = None, seed: int = 0, batch_size: int = 8,
              threads: int = 0) -> dict:
-    """Score a checkpoint; writes ``eval.json`` and ``eval.md`` into ``out_dir``."""
+    """Score a checkpoint; writes ``eval.json`` and ``eval.md`` into ``out_dir``, with the
+    content probe (:mod:`refrag_train.diagnose`) of the same text unless ``cfg.probe_windows`` is 0."""
     from transformers import AutoTokenizer
 
     from .sft import end_of_turn_id
@@ -152,6 +155,11 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
         result["qa"] = [{"condition": name, "answer_log_ppl": sum(v) / len(v),
                          "positions": sum(map(_positions, samples)) / len(samples), "num_examples": len(v)}
                         for name, samples in qa.items() for v in [_score(model, samples, batch_size, name)]]
+    if cfg.probe_windows:
+        from .diagnose import content_probe
+
+        result["probe"] = content_probe(model, tokenizer, heldout_texts, shapes=[tuple(x) for x in cfg.probe_shapes],
+                                        num_windows=cfg.probe_windows, seed=seed)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "eval.md").write_text(markdown_table(result))
     return result
@@ -176,4 +184,10 @@ def markdown_table(result: dict) -> str:
         for r in result["qa"]:
             lines.append(f"| {r['condition']} | {r['answer_log_ppl']:.3f} | {r['positions']:.0f} | "
                          f"{r['num_examples']} |")
+    if result.get("probe"):
+        from .diagnose import probe_markdown
+
+        lines += ["", "Content probe (`refrag_train.diagnose`): reconstruction log-PPL of held-out n x k tokens "
+                      "from the window's own chunk vectors, another window's, one mean vector, and none.", "",
+                  probe_markdown(result["probe"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

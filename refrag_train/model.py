@@ -46,7 +46,7 @@ def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
     from refrag_vllm.default_models import load_decoder, load_encoder
 
     decoder, dec_tok = load_decoder(cfg.run.decoder or None, dtype)
-    encoder, enc_tok = load_encoder(cfg.run.encoder or None)
+    encoder, enc_tok = load_encoder(cfg.run.encoder or None, decoder, dec_tok)
     model = assemble_model(
         decoder, dec_tok, encoder, enc_tok, chunk_size=cfg.run.default_chunk_size,
         encoder_max_tokens=cfg.run.encoder_max_tokens, dtype=dtype, seed=cfg.run.seed,
@@ -59,7 +59,10 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
     lc = cfg.lora
     dec = "|".join(map(re.escape, lc.decoder_targets))
     enc = "|".join(map(re.escape, lc.encoder_targets))
-    target = rf"^(model\.layers\.\d+\.(self_attn|mlp)\.({dec})|chunk_encoder\.model\.encoder\.layer\.\d+\.(.*\.)?({enc}))$"
+    # decoder blocks; a BERT-like encoder's layers; a decoder-stack encoder's blocks
+    target = (rf"^(model\.layers\.\d+\.(self_attn|mlp)\.({dec})"
+              rf"|chunk_encoder\.model\.encoder\.layer\.\d+\.(.*\.)?({enc})"
+              rf"|chunk_encoder\.model\.layers\.\d+\.(self_attn|mlp)\.({dec}))$")
     return LoraConfig(
         r=lc.decoder_rank,
         lora_alpha=lc.decoder_alpha,
@@ -141,6 +144,7 @@ class TrainingModel:
             "chunk_size": self.cfg.run.default_chunk_size,
             "expansion_policy": vars(self.policy_config) if with_policy else None,
             "chunk_sizes_trained": self.cfg.run.chunk_sizes,
+            "encoder": self.cfg.run.encoder or None,
             **(meta or {}),
         }
         return save_delta(out_dir, adapter_config=self.lora_config, dtype=torch.float32,

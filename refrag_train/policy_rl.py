@@ -42,7 +42,8 @@ def chunk_embeddings(model: TrainingModel, contexts: list[list[int]], k: int) ->
 def rewards_for(model: TrainingModel, contexts, continuations, actions: torch.Tensor, k: int) -> torch.Tensor:
     """``-log-PPL`` of each continuation with the chosen chunks expanded: ``(len(contexts),)``."""
     samples = [
-        context_sample(model.tokenizer, model.placeholder_id, ctx, cont, k, expand=a.tolist())
+        context_sample(model.tokenizer, model.placeholder_id, ctx, cont, k, expand=a.tolist(),
+                       start=model.cfg.run.bos_first)
         for ctx, cont, a in zip(contexts, continuations, actions)
     ]
     logprobs = model.refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples])

@@ -29,7 +29,8 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     rng = step_rng(model.cfg.run.seed, NAME, step)
     return [
         reconstruction_sample(model.tokenizer, model.placeholder_id,
-                              corpus.window(b.num_chunks * b.chunk_size, rng), b.chunk_size)
+                              corpus.window(b.num_chunks * b.chunk_size, rng), b.chunk_size,
+                              start=model.cfg.run.bos_first)
         for _ in range(b.batch_size)
     ]
 

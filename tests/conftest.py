@@ -31,18 +31,27 @@ def tiny_ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-refrag", k=16, max_positions=8192)
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_ckpt):
+def load_reference_and_builder(ckpt):
+    """The PyTorch reference and the prompt builder of one checkpoint."""
+    from refrag_vllm import RefragPromptBuilder
     from refrag_vllm.reference import RefragReferenceModel
 
-    return RefragReferenceModel.load(tiny_ckpt)
+    return RefragReferenceModel.load(ckpt), RefragPromptBuilder.from_pretrained(ckpt)
 
 
 @pytest.fixture(scope="session")
-def builder(tiny_ckpt):
-    from refrag_vllm import RefragPromptBuilder
+def tiny_reference_and_builder(tiny_ckpt):
+    return load_reference_and_builder(tiny_ckpt)
 
-    return RefragPromptBuilder.from_pretrained(tiny_ckpt)
+
+@pytest.fixture(scope="session")
+def reference(tiny_reference_and_builder):
+    return tiny_reference_and_builder[0]
+
+
+@pytest.fixture(scope="session")
+def builder(tiny_reference_and_builder):
+    return tiny_reference_and_builder[1]
 
 
 def make_llm(model_dir, **kwargs):

@@ -127,3 +127,19 @@ def test_offline_bad_input_raises_and_engine_keeps_working(llm, builder, referen
                      params, use_tqdm=False)
     prompt = builder.build(QUESTION, PASSAGES[:1])
     assert_matches_reference(reference, prompt, greedy(llm, [prompt])[0])
+
+
+def test_qa_generation_answers_every_condition(llm, builder):
+    """The held-out QA generation eval (refrag_train.qa_generation) on this engine."""
+    from refrag_train.qa_generation import CONDITIONS, answer_and_score, content_recall
+
+    examples = [{"question": QUESTION, "answer": "Paris is the capital of France.", "passages": PASSAGES[:2]},
+                {"question": "What are tuples?", "answer": "Immutable sequences.", "passages": PASSAGES[1:]}]
+    rows, records = answer_and_score(llm, builder, examples, max_tokens=8)
+    assert [r["condition"] for r in rows] == list(CONDITIONS)
+    assert all(0.0 <= r["content_recall"] <= 1.0 for r in rows)
+    by = {r["condition"]: r["positions"] for r in rows}
+    assert by[CONDITIONS[0]] < by[CONDITIONS[1]] < by[CONDITIONS[2]]
+    assert all(isinstance(rec[c], str) for rec in records for c in CONDITIONS)
+    assert content_recall("The capital is Paris, in France", "Paris is the capital of France.") == 1.0
+    assert content_recall("Berlin", "Paris is the capital of France.") == 0.0

@@ -333,3 +333,97 @@ def test_prepare_real_python_docs(tmp_path):
     assert all(e.answer in e.passages[e.gold] for e in qa)
     assert any(e.name == "os.path.join" for e in qa)
     assert elapsed < 60
+
+
+# Real GCIDE entries, verbatim in dictd's text format (a few from the "Ar" page).
+GCIDE_ENTRIES = [
+    ("Arriver", """Arriver \\Ar*riv"er\\, n.
+   One who arrives.
+   [1913 Webster]
+"""),
+    ("Arroba", """Arroba \\Ar*ro"ba\\, n. [Sp. and Pg., from Ar. arrub, ar-rubu, a
+   fourth part.]
+   1. A Spanish weight used in Mexico and South America = 25.36
+      lbs. avoir.; also, an old Portuguese weight, used in
+      Brazil = 32.38 lbs. avoir.
+      [1913 Webster]
+"""),
+    ("Arrogance", """Arrogance \\Ar"ro*gance\\, n. [F., fr. L. arrogantia, fr.
+   arrogans. See {Arrogant}.]
+   The act or habit of arrogating, or making undue claims in an
+   overbearing manner; that species of pride which consists in
+   exorbitant claims of rank, dignity, estimation, or power.
+   [1913 Webster]
+
+         I hate not you for her proud arrogance.  --Shak.
+   [1913 Webster]
+"""),
+    ("Arrogancy", """Arrogancy \\Ar"ro*gan*cy\\, n.
+   Arrogance. --Shak.
+   [1913 Webster]
+"""),
+    ("Arrogant", """Arrogant \\Ar"ro*gant\\, a. [F. arrogant, L. arrogans, p. pr. of
+   arrogare. See {Arrogate}.]
+   1. Making, or having the disposition to make, exorbitant
+      claims of rank or estimation; giving one's self an undue
+      degree of importance; assuming; haughty; -- applied to
+      persons.
+      [1913 Webster]
+"""),
+]
+
+
+def _b64(n: int) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    out = ""
+    while True:
+        out = alphabet[n % 64] + out
+        n //= 64
+        if not n:
+            return out
+
+
+def _write_dictd(folder):
+    import gzip
+
+    text, index = b"", []
+    for word, body in GCIDE_ENTRIES * 3:  # repeated: several pages; duplicate offsets are read once
+        raw = (body + "\n").encode()
+        index.append(f"{word}\t{_b64(len(text))}\t{_b64(len(raw))}")
+        text += raw
+    folder.mkdir()
+    (folder / "gcide.index").write_text("00-database-url\tA\tB\n" + "\n".join(index) + "\n")
+    with gzip.open(folder / "gcide.dict.dz", "wb") as f:
+        f.write(text)
+
+
+def test_gcide_entries_cleaned_and_definitions_found(tmp_path):
+    from refrag_train.gcide import clean_entry, first_definition, read_entries
+
+    _write_dictd(tmp_path / "dictd")
+    entries = read_entries(tmp_path / "dictd")
+    assert [w for w, _ in entries] == [w for w, _ in GCIDE_ENTRIES] * 3
+    text = clean_entry(entries[2][1])
+    assert "[1913 Webster]" not in text and "\\" not in text and "{" not in text
+    assert text.startswith("Arrogance, n. [F., fr. L. arrogantia, fr. arrogans. See Arrogant.]")
+    assert "I hate not you for her proud arrogance. --Shak." in text
+    assert first_definition(text) == ("The act or habit of arrogating, or making undue claims in an "
+                                      "overbearing manner; that species of pride which consists in exorbitant "
+                                      "claims of rank, dignity, estimation, or power.")
+    assert first_definition(clean_entry(entries[1][1])).startswith("A Spanish weight used in Mexico")
+    assert first_definition(clean_entry(entries[3][1])) is None  # a bare cross-reference and a quotation
+
+
+def test_prepare_gcide_writes_heldout_documents_and_questions(tmp_path):
+    from refrag_train.gcide import prepare_gcide
+
+    _write_dictd(tmp_path / "dictd")
+    manifest = prepare_gcide(tmp_path / "out", tmp_path / "dictd", num_docs=2, min_chars=600, num_questions=10)
+    docs = read_jsonl(tmp_path / "out" / "heldout.jsonl")
+    qa = read_jsonl(tmp_path / "out" / "qa_heldout.jsonl", required=("question", "answer", "passages"))
+    assert len(docs) == 2 and manifest["splits"]["heldout"]["docs"] == 2
+    assert all("[1913 Webster]" not in d["text"] for d in docs)
+    assert qa and all(q["question"].startswith('What does the word "') for q in qa)
+    for q in qa:
+        word = q["question"].split('"')[1]
+        assert len(q["passages"]) == 3 and sum(p.startswith(word + ",") for p in q["passages"]) >= 1

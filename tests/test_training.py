@@ -61,12 +61,39 @@ def test_curriculum_batches_follow_the_schedule():
         assert b.batch_size * cost(b.num_chunks, b.chunk_size) <= 64 or b.batch_size == 1
 
 
+def test_config_overrides_take_toml_values():
+    from refrag_train.config import load_config
+
+    cfg = load_config("probe", ["reconstruction.lr=3e-3", "run.encoder=decoder-layers:8",
+                                "run.bos_first=false", "reconstruction.curriculum.totals=[64]"])
+    assert cfg.reconstruction.lr == 3e-3 and cfg.run.encoder == "decoder-layers:8"
+    assert cfg.run.bos_first is False and cfg.reconstruction.curriculum.totals == [64]
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config("probe", ["reconstruction.lrr=1"])
+    with pytest.raises(ValueError, match="section.key=VALUE"):
+        load_config("probe", ["reconstruction.lr"])
+
+
+def test_samples_start_with_bos_so_no_chunk_sits_at_the_attention_sink():
+    from tiny_models import make_decoder_tokenizer
+
+    from refrag_train.samples import context_sample, reconstruction_sample
+
+    tok = make_decoder_tokenizer()
+    ids = tok("The quick brown fox jumps over the lazy dog")["input_ids"][:8]
+    sample = reconstruction_sample(tok, 999, ids, 4)
+    assert sample.prompt["prompt_token_ids"][:2] == [tok.bos_token_id, 999]
+    assert sample.num_targets == 8
+    old_layout = context_sample(tok, 999, ids, ids, 4, start=False)
+    assert old_layout.prompt["prompt_token_ids"][0] == 999
+
+
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict({"cpt": {"learning_rate": 1e-4}})
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_config("no-such-config")
-    for name in ("cpu", "gpu", "tiny", "ablation_long_recon", "ablation_encoder_cpt"):
+    for name in ("cpu", "cpu_minilm", "probe", "gpu", "tiny", "ablation_long_recon", "ablation_encoder_cpt"):
         load_config(name)
     assert load_config("cpu").run.default_chunk_size == 16
 
@@ -177,6 +204,25 @@ def _loss_on(model, samples):
 
     with torch.no_grad():
         return nll_loss(model, samples).item()
+
+
+def test_cpt_mixes_in_reconstruction_samples(tiny_cfg, base_ckpt):
+    import dataclasses
+
+    from refrag_train import cpt
+
+    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, reconstruction_fraction=1.0,
+                                                                  reconstruction_max_chunks=2))
+    model = _model(cfg, base_ckpt)
+    steps = cpt.plan(model)
+    for step in range(3):
+        b = steps[step]
+        for sample in cpt.make_batch(model, _corpus(model), steps, step):
+            n = min(b.num_chunks, 2)
+            # BOS, one item of n chunks, then the n*k tokens those chunks hold
+            ids = sample.prompt["prompt_token_ids"]
+            assert sample.num_targets == n * b.chunk_size == len(ids) - 2
+            assert sample.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == n
 
 
 @pytest.mark.parametrize("stage", ["reconstruction", "cpt", "sft"])
@@ -396,8 +442,13 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     assert raw_control["per_window"] != by["Full context"]["per_window"]
     assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
     assert [q["condition"] for q in result["qa"]] == ["No passages", "Compressed passages", "Raw passages"]
+    # The content probe of the same text: every shape, every condition, finite.
+    probe = result["probe"]
+    assert [(r["n"], r["k"]) for r in probe["shapes"]] == [(1, 4), (2, 4)]
+    assert all(math.isfinite(r[c]) for r in probe["shapes"] for c in ("own", "other", "mean", "none"))
+    assert -1.0 <= probe["geometry"]["pairwise_cosine"] <= 1.0
     md = (tmp_path / "eval.md").read_text()
-    assert "| REFRAG4 |" in md and "gap recovered" in md
+    assert "| REFRAG4 |" in md and "gap recovered" in md and "| 1x4 |" in md
     assert json.loads((tmp_path / "eval.json").read_text())["num_windows"] == tiny_cfg.eval.num_windows
 
 
@@ -407,7 +458,9 @@ def test_shipped_delta_is_small_and_complete():
     if not (SHIPPED_DELTA / "refrag_delta.json").exists():
         pytest.skip("no trained delta shipped yet")
     meta = read_delta_meta(SHIPPED_DELTA)
-    assert meta["chunk_size"] == 16 and meta["expansion_policy"]["in_dim"] == 384
+    # The policy reads encoder vectors: MiniLM's 384, or SmolLM2's own 576 (decoder-layers:N).
+    encoder_width = 576 if (meta.get("encoder") or "").startswith("decoder-layers:") else 384
+    assert meta["chunk_size"] == 16 and meta["expansion_policy"]["in_dim"] == encoder_width
     size = sum(f.stat().st_size for f in SHIPPED_DELTA.iterdir())
     assert size < 20 * 2**20, size
     for name in ("adapter_config.json", "adapter_model.safetensors", "refrag_heads.safetensors"):

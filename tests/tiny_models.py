@@ -64,8 +64,10 @@ def make_encoder_tokenizer():
     )
 
 
-def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_positions: int = 4096) -> Path:
-    """A random tiny REFRAG checkpoint: Llama (hidden 64, head_dim 32) + BERT (hidden 32)."""
+def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_positions: int = 4096,
+                         encoder: str = "bert") -> Path:
+    """A random tiny REFRAG checkpoint: Llama (hidden 64, head_dim 32) + BERT (hidden 32),
+    or with ``encoder="decoder-layers:N"`` the decoder's own first N layers as the encoder."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from refrag_vllm.checkpoint import assemble_checkpoint
@@ -84,6 +86,14 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
     with torch.no_grad():
         decoder.model.embed_tokens.weight.normal_(0, 1.0)
         decoder.lm_head.weight.normal_(0, 0.3)
+    if encoder.startswith("decoder-layers:"):
+        from refrag_vllm.default_models import load_encoder
+
+        stack, stack_tok = load_encoder(encoder, decoder, dec_tok)
+        return assemble_checkpoint(
+            out_dir, decoder, dec_tok, stack, stack_tok, chunk_size=k, max_chunks_per_item=64,
+            dtype=torch.float32, seed=seed,
+        )
     enc_cfg = BertConfig(
         vocab_size=len(enc_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=128, pad_token_id=enc_tok.pad_token_id,

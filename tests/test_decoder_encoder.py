@@ -1,0 +1,75 @@
+"""The decoder-stack encoder (``decoder-layers:N``): the decoder's own first layers as the
+chunk encoder, served by vLLM with the same parity as the BERT encoder.
+
+One engine for the module (prefix caching on, chunked prefill in small steps)."""
+
+import pytest
+import torch
+
+from conftest import (PASSAGES, QUESTION, assert_matches_reference, greedy, load_reference_and_builder, make_llm,
+                      shutdown_llm)
+from refrag_vllm import CompressedChunks
+
+
+@pytest.fixture(scope="module")
+def stack_ckpt(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-stack", k=16, max_positions=8192,
+                                encoder="decoder-layers:1")
+
+
+@pytest.fixture(scope="module")
+def stack_models(stack_ckpt):
+    return load_reference_and_builder(stack_ckpt)
+
+
+@pytest.fixture(scope="module")
+def llm(stack_ckpt):
+    llm = make_llm(stack_ckpt, enable_prefix_caching=True, max_num_batched_tokens=64,
+                   enable_chunked_prefill=True)
+    yield llm
+    shutdown_llm(llm)
+
+
+def test_encoder_is_the_decoders_first_layers(stack_models):
+    """The encoder's token states are the decoder's layer-1 states (final norm applied)."""
+    stack_reference, _ = stack_models
+    ids = stack_reference.encoder_tokenizer(PASSAGES[0], return_tensors="pt")["input_ids"]
+    cfg = stack_reference.refrag_config
+    assert cfg.encoder["model_type"] == "llama" and cfg.encoder["num_hidden_layers"] == 1
+    with torch.no_grad():
+        enc = stack_reference.chunk_encoder.model(input_ids=ids).last_hidden_state
+        dec = stack_reference.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(enc, stack_reference.model.norm(dec), rtol=1e-5, atol=1e-5)
+    # A separate copy: training the encoder leaves the decoder's layers as they are.
+    assert (stack_reference.chunk_encoder.model.layers[0].self_attn.q_proj.weight.data_ptr()
+            != stack_reference.model.layers[0].self_attn.q_proj.weight.data_ptr())
+
+
+def test_text_chunks_match_reference(llm, stack_models):
+    stack_reference, stack_builder = stack_models
+    prompt = stack_builder.build(QUESTION, PASSAGES)
+    assert_matches_reference(stack_reference, prompt, greedy(llm, [prompt])[0])
+
+
+def test_encoder_vectors_and_mixed_input_match_reference(llm, stack_models):
+    stack_reference, stack_builder = stack_models
+    texts = [stack_builder.tokenizer.decode(c) for c in stack_builder.chunk_passage(PASSAGES[1])]
+    with torch.no_grad():
+        enc = stack_reference.encode_texts(texts)
+    prompt = stack_builder.build(QUESTION, [PASSAGES[0], CompressedChunks.from_encoder_embeds(enc)],
+                                 expand=[[1], []])
+    result = greedy(llm, [prompt])[0]
+    assert_matches_reference(stack_reference, prompt, result)
+    same_as_text = greedy(llm, [stack_builder.build(QUESTION, PASSAGES[:2], expand=[[1], []])])[0]
+    assert result[0] == same_as_text[0]
+
+
+def test_prefix_cache_hit_matches_reference(llm, stack_models):
+    stack_reference, stack_builder = stack_models
+    prompt = stack_builder.build(QUESTION, [" ".join(PASSAGES) + " Cached once."])
+    first, second = greedy(llm, [prompt])[0], greedy(llm, [prompt])[0]
+    assert second[2].num_cached_tokens > 0
+    assert first[0] == second[0]
+    assert_matches_reference(stack_reference, prompt, second)
