@@ -13,8 +13,8 @@ reconstructs the window's tokens, after BOS, from n chunk vectors taken from
 
 ``other - own`` is the content the vectors carry (nats per token); ``mean - own`` is
 what a chunk's vector adds over a generic soft prompt.  It also reports the vectors'
-geometry: the mean pairwise cosine of one 256-token window's projected chunk
-vectors, the share of the average norm that the shared mean holds, and the
+geometry: the mean pairwise cosine of one window's 16 projected chunk vectors
+(256 tokens at k=16), the share of the average norm that the shared mean holds, and the
 projected norm against the decoder's token-embedding norm.
 
 A few hundred reconstruction steps tell which design learns content; a full recipe
@@ -89,8 +89,10 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
         row = {"n": n, "k": k, "windows": len(windows)}
         row.update({c: _token_nll(model, samples[c], batch_size) for c in CONDITIONS})
         rows.append(row)
-    window = corpus.windows(256, 8, seed + 1)
-    projected = [_project(model, tokenizer, split_chunks(w, 16)).float() for w in window]
+    k = shapes[0][1]  # geometry: up to 8 windows of 16 chunks
+    available = sum(len(d) // (16 * k) for d in corpus.docs)
+    window = corpus.windows(16 * k, min(8, available), seed + 1)
+    projected = [_project(model, tokenizer, split_chunks(w, k)).float() for w in window]
     every = torch.cat(projected)
     token_norm = float(model.get_input_embeddings().weight.float().norm(dim=-1).mean())
     geometry = {
