@@ -54,6 +54,11 @@ def save_delta(
         raise ValueError(f"delta heads must be projector.* / expansion_policy.*, got {bad[:3]}")
     if adapter_state:
         adapter_config.save_pretrained(str(out))
+        # A delta applies to whatever base `build` assembles: no machine's path in it.
+        config_path = out / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = None
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().to(dtype).contiguous() for k, v in adapter_state.items()},
                   str(out / ADAPTER_WEIGHTS))
     save_file({k: v.detach().to(dtype).contiguous() for k, v in heads.items()}, str(out / HEADS))

@@ -465,6 +465,8 @@ def test_shipped_delta_is_small_and_complete():
     assert size < 20 * 2**20, size
     for name in ("adapter_config.json", "adapter_model.safetensors", "refrag_heads.safetensors"):
         assert (SHIPPED_DELTA / name).exists()
+    # A shipped file names no machine's path.
+    assert json.loads((SHIPPED_DELTA / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
 def test_default_checkpoint_rebuilt_when_shipped_weights_change(tmp_path):
