@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from refrag_vllm.chunks import CompressedChunks
 from refrag_vllm.prompt import chunk_text
 
 from .data import read_jsonl
+from .evaluate import score_samples
 from .samples import TokenCorpus, context_sample, lm_sample, split_chunks
 
 SHAPES = ((1, 16), (4, 16))
@@ -44,17 +46,6 @@ def _mean_cosine(x: torch.Tensor) -> float:
     x = torch.nn.functional.normalize(x.float(), dim=-1)
     sim = x @ x.T
     return float((sim.sum() - sim.diag().sum()) / (sim.numel() - len(sim)))
-
-
-def _token_nll(model, samples, batch_size: int) -> float:
-    """Mean NLL over all target tokens of ``samples`` (token-weighted)."""
-    total, count = 0.0, 0
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
-        for lp in model.target_logprobs([s.prompt for s in batch], [s.num_targets for s in batch]):
-            total += float(-lp.sum())
-            count += lp.numel()
-    return total / count
 
 
 def _project(model, tokenizer, chunks: list[list[int]]) -> torch.Tensor:
@@ -87,7 +78,9 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
             "none": [lm_sample(tokenizer, pid, w, len(w) if start else len(w) - 1, start) for w in windows],
         }
         row = {"n": n, "k": k, "windows": len(windows)}
-        row.update({c: _token_nll(model, samples[c], batch_size) for c in CONDITIONS})
+        # Every sample of a condition scores the same number of tokens: the mean of the
+        # per-sample means is the token-weighted mean.
+        row.update({c: statistics.fmean(score_samples(model, samples[c], batch_size, c)) for c in CONDITIONS})
         rows.append(row)
     k = shapes[0][1]  # geometry: up to 8 windows of 16 chunks
     available = sum(len(d) // (16 * k) for d in corpus.docs)

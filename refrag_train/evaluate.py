@@ -37,7 +37,7 @@ from .config import EvalConfig
 from .samples import Sample, TokenCorpus, context_sample, lm_sample, random_expansion, split_chunks
 
 
-def _score(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
+def score_samples(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
     """Mean NLL per sample."""
     out = []
     with torch.no_grad():
@@ -107,8 +107,7 @@ def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: in
         q, a, ps = ex["question"], ex["answer"], ex["passages"]
         conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
         conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
-        every_chunk = [list(range(len(builder.chunk_passage(t)))) for t in ps]
-        conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=every_chunk))
+        conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=builder.every_chunk(ps)))
     return conds
 
 
@@ -132,7 +131,7 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
     conds, picks = lm_conditions(model, tokenizer, windows, cfg, seed)
     rows = []
     for name, samples in conds.items():
-        nll = _score(model, samples, batch_size, name)
+        nll = score_samples(model, samples, batch_size, name)
         rows.append({"condition": name, "log_ppl": sum(nll) / len(nll),
                      "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll})
     by = {r["condition"]: r["log_ppl"] for r in rows}
@@ -154,7 +153,7 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
         qa = qa_conditions(builder, qa_examples, end_of_turn_id(tokenizer))
         result["qa"] = [{"condition": name, "answer_log_ppl": sum(v) / len(v),
                          "positions": sum(map(_positions, samples)) / len(samples), "num_examples": len(v)}
-                        for name, samples in qa.items() for v in [_score(model, samples, batch_size, name)]]
+                        for name, samples in qa.items() for v in [score_samples(model, samples, batch_size, name)]]
     if cfg.probe_windows:
         from .diagnose import content_probe
 

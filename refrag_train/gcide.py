@@ -163,7 +163,7 @@ def prepare_gcide(out_dir: str | Path, source: str | Path = GCIDE_DIR, *, num_do
         "splits": {"heldout": {"docs": len(docs), "chars": sum(len(d["text"]) for d in docs), "qa": len(qa)}},
         "selection": f"{num_docs} pages of consecutive entries (>= {min_chars} chars), evenly spaced over "
                      f"{len(pages)} pages in dictionary order; every document is held out",
-        "qa_derivation": "One question per entry of a chosen page whose first definition sentence is 20-200 "
+        "qa_derivation": "One question per entry of a chosen page whose first definition sentence is 12-200 "
                          "characters; the passages are the entry (<= 1500 chars) and other entries of its page.",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

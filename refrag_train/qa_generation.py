@@ -48,7 +48,7 @@ def build_prompts(builder, examples: list[dict]) -> dict[str, list[dict]]:
         q, ps = ex["question"], ex["passages"]
         prompts[CONDITIONS[0]].append(builder.build(q, []))
         prompts[CONDITIONS[1]].append(builder.build(q, ps))
-        prompts[CONDITIONS[2]].append(builder.build(q, ps, expand=[range(len(builder.chunk_passage(p))) for p in ps]))
+        prompts[CONDITIONS[2]].append(builder.build(q, ps, expand=builder.every_chunk(ps)))
     return prompts
 
 

@@ -91,8 +91,7 @@ def cmd_positions(args) -> None:
     passages = sample_passages(args.passages, args.tokens, builder.tokenizer)
     question = "Which module handles command-line options?"
     compressed = builder.build(question, passages)
-    all_expanded = [range(len(builder.chunk_passage(p))) for p in passages]
-    uncompressed = builder.build(question, passages, expand=all_expanded)
+    uncompressed = builder.build(question, passages, expand=builder.every_chunk(passages))
     c, u = builder.num_positions(compressed), builder.num_positions(uncompressed)
     print(f"{len(passages)} passages x ~{args.tokens} tokens, k={builder.k}")
     print(f"decoder positions uncompressed: {u}")
@@ -157,10 +156,9 @@ def cmd_demo(args) -> None:
     builder = RefragPromptBuilder.from_pretrained(model, load_policy=_has_policy(model))
     passages = demo_passages(builder.tokenizer)
     question = "What does json.loads() do?"
-    all_chunks = [list(range(len(builder.chunk_passage(p)))) for p in passages]
     prompts = {
         f"REFRAG, passages compressed (k={builder.k})": builder.build(question, passages),
-        "vanilla RAG, passages as raw tokens": builder.build(question, passages, expand=all_chunks),
+        "vanilla RAG, passages as raw tokens": builder.build(question, passages, expand=builder.every_chunk(passages)),
         "no passages": builder.build(question, []),
     }
     if builder.expander is not None:

@@ -147,6 +147,10 @@ class RefragPromptBuilder:
         ids = self._encode(text, add_special_tokens=False)
         return [ids[i : i + self.k] for i in range(0, len(ids), self.k)]
 
+    def every_chunk(self, passages: Sequence[str]) -> list[list[int]]:
+        """``expand`` for :meth:`build` that keeps every chunk of every passage raw (vanilla RAG)."""
+        return [list(range(len(self.chunk_passage(p)))) for p in passages]
+
     def _check_plain_text(self, text: str) -> None:
         if self.cfg.placeholder_token in text:
             raise ValueError(

@@ -18,7 +18,7 @@ def llm(tiny_ckpt):
 
 def test_raw_chunks(llm, builder, reference):
     prompt = builder.build(QUESTION, PASSAGES)
-    expanded = builder.build(QUESTION, PASSAGES, expand=[range(len(builder.chunk_passage(p))) for p in PASSAGES])
+    expanded = builder.build(QUESTION, PASSAGES, expand=builder.every_chunk(PASSAGES))
     assert "multi_modal_data" not in expanded
     n_chunks = sum(len(builder.chunk_passage(p)) for p in PASSAGES)
     # Each compressed chunk saves (its tokens - 1) positions.
