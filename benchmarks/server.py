@@ -32,7 +32,8 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.cmd = [str(Path(sys.executable).parent / "vllm"), "serve", self.model_dir, "--host", "127.0.0.1",
                     "--port", str(self.port), "--served-model-name", model, *flags]
-        self.env = {**os.environ, **(env or {})}
+        # env: variables to set; a value of None removes one from this process's environment.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "VllmServer":

@@ -201,7 +201,7 @@ def engine_args(model: str, cfg: BenchConfig) -> dict:
     return dict(model=model, max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_model_len,
                 max_num_seqs=max(cfg.throughput_requests, 1), enable_prefix_caching=False,
                 mm_processor_cache_gb=0, enforce_eager=cfg.enforce_eager, dtype="bfloat16", seed=0,
-                disable_log_stats=False, skip_mm_profiling=cfg.skip_mm_profiling)
+                disable_log_stats=False, skip_mm_profiling=cfg.skip_mm_profiling, enable_mm_embeds=True)
 
 
 def server_flags(cfg: BenchConfig) -> list[str]:
@@ -209,7 +209,7 @@ def server_flags(cfg: BenchConfig) -> list[str]:
     flags = ["--max-model-len", str(args["max_model_len"]),
              "--max-num-batched-tokens", str(args["max_num_batched_tokens"]),
              "--max-num-seqs", str(args["max_num_seqs"]), "--no-enable-prefix-caching",
-             "--mm-processor-cache-gb", "0", "--dtype", args["dtype"], "--seed", "0"]
+             "--mm-processor-cache-gb", "0", "--dtype", args["dtype"], "--seed", "0", "--enable-mm-embeds"]
     flags += ["--skip-mm-profiling"] if args["skip_mm_profiling"] else []
     return flags + (["--enforce-eager"] if cfg.enforce_eager else [])
 

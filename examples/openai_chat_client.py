@@ -1,13 +1,14 @@
 """Stream a RAG answer from `vllm serve <refrag checkpoint>` with the stock openai client.
 
-    .venv/bin/vllm serve checkpoints/refrag-smollm2-k16 --max-model-len 8192 &
+    .venv/bin/vllm serve checkpoints/refrag-smollm2-k16 --max-model-len 8192 --kv-cache-memory-bytes 2G &
     .venv/bin/python examples/openai_chat_client.py "What does the json module do?"
+    # --index sends vectors: the server needs --enable-mm-embeds
     .venv/bin/python examples/openai_chat_client.py --index runs/rag-example/index "How do I copy a file?"
 
-Passages travel inside the message as <passage>...</passage>; the server compresses them.
-With ``--index`` (built by ``refrag-vllm index`` or examples/rag_end_to_end.py) the
-passages are retrieved, and sent as their cached chunk vectors
-(<passage format="projected">), so the server runs no encoder.
+Passages travel inside the message as <passage>...</passage>, escaped by
+``refrag_vllm.passage``; the server compresses them.  With ``--index`` (built by
+``refrag-vllm index`` or examples/rag_end_to_end.py) the passages are retrieved, and sent
+as their cached chunk vectors (<passage format="projected">), so the server runs no encoder.
 """
 
 import argparse
@@ -31,7 +32,9 @@ def main() -> None:
     if args.index:
         passages = "\n\n".join(retrieved_passages(args.index, args.question, args.top_k, model))
     else:
-        passages = "\n\n".join(f"<passage>{' '.join(p.split())}</passage>" for p in PASSAGES)
+        from refrag_vllm import passage
+
+        passages = "\n\n".join(passage(" ".join(p.split())) for p in PASSAGES)
     content = f"Answer the question using these passages.\n\n{passages}\n\nQuestion: {args.question}"
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": content}], max_tokens=96, temperature=0,

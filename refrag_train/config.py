@@ -51,6 +51,12 @@ class RunConfig:
     bos_first: bool = True
     """Start every reconstruction, CPT and policy sample with the tokenizer's BOS, so the
     first chunk vector is not at position 0, the decoder's attention sink."""
+    standardize_projector_inputs: bool = False
+    """The projector standardizes each encoder dimension (mean and std measured on training
+    chunks when reconstruction starts); see ``ProjectorConfig.standardize_inputs``."""
+    projector_output_norm: str = ""
+    """``"tokens"``: every projected vector is scaled to the decoder's mean token-embedding
+    norm (``ProjectorConfig.output_norm``); a number: that norm; empty: unscaled."""
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
     save_every: int = 50

@@ -2,6 +2,7 @@
 
     python -m refrag_train.diagnose --checkpoint CKPT [--data DIR_OR_JSONL] [--out DIR]
     python -m refrag_train.diagnose --run-dir RUN [--out DIR]   # a training run's latest weights
+    python -m refrag_train.diagnose --run-dir RUN --delta RUN/reconstruction/final   # one stage's
 
 On held-out windows of n x k tokens (1x16 and 4x16 by default) the decoder
 reconstructs the window's tokens, after BOS, from n chunk vectors taken from
@@ -126,6 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a REFRAG checkpoint folder")
     p.add_argument("--run-dir", help="a training run: probe its latest weights (no export needed)")
+    p.add_argument("--delta", help="with --run-dir: probe this delta of the run instead, e.g. RUN/reconstruction/final")
     p.add_argument("--data", default=None, help="prepared data folder or held-out jsonl (default: the config's, "
                                                 "else data/python-docs)")
     p.add_argument("--out", default=None, help="write probe.json and probe.md here")
@@ -150,7 +152,7 @@ def main() -> None:
 
         cfg = load_config(Path(args.run_dir) / "config.json")
         training = TrainingModel(cfg)
-        training.load_delta_weights(latest_delta(Path(args.run_dir)))
+        training.load_delta_weights(Path(args.delta) if args.delta else latest_delta(Path(args.run_dir)))
         training.train(False)
         model, tokenizer = training.refrag, training.tokenizer
         data = args.data or cfg.data.dir

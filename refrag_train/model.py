@@ -50,6 +50,8 @@ def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
     model = assemble_model(
         decoder, dec_tok, encoder, enc_tok, chunk_size=cfg.run.default_chunk_size,
         encoder_max_tokens=cfg.run.encoder_max_tokens, dtype=dtype, seed=cfg.run.seed,
+        standardize_projector_inputs=cfg.run.standardize_projector_inputs,
+        projector_output_norm=cfg.run.projector_output_norm or None,
     )
     return model, dec_tok
 

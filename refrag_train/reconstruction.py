@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from .curriculum import curriculum_batches
 from .model import ENCODER_LORA, TrainingModel
-from .samples import TokenCorpus, reconstruction_sample
+from .samples import TokenCorpus, reconstruction_sample, split_chunks
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "reconstruction"
@@ -35,11 +38,26 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     ]
 
 
+@torch.no_grad()
+def measure_projector_inputs(model: TrainingModel, corpus: TokenCorpus, num_chunks: int = 2048,
+                             batch_size: int = 64) -> None:
+    """Set the standardizing projector's per-dimension mean and std from the encoder
+    vectors of ``num_chunks`` training chunks of the default k (seeded)."""
+    k = model.cfg.run.default_chunk_size
+    rng = step_rng(model.cfg.run.seed, "projector-inputs", 0)
+    texts = [model.tokenizer.decode(split_chunks(corpus.window(k, rng), k)[0]) for _ in range(num_chunks)]
+    vectors = [model.refrag.encode_texts(texts[i:i + batch_size]).float()
+               for i in tqdm(range(0, num_chunks, batch_size), desc="projector input statistics", unit="batch")]
+    model.refrag.projector.set_input_statistics(torch.cat(vectors))
+
+
 def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     steps = plan(model)
     groups = ["projector"] + ([ENCODER_LORA] if model.cfg.reconstruction.train_encoder else [])
     stage = Stage(NAME, run_dir, model, groups, len(steps),
                   model.cfg.reconstruction.lr, model.cfg.reconstruction.warmup, use_mlflow=use_mlflow)
+    if stage.step == 0 and not stage.finished and model.refrag.projector.standardize_inputs:
+        measure_projector_inputs(model, corpus)
     return run_supervised(
         stage,
         lambda step: make_batch(model, corpus, steps, step),

@@ -6,14 +6,31 @@ Importing this package does not import vLLM; :func:`register` (the
 
 from .chunks import CompressedChunks, decode_embeds, encode_embeds
 from .config import ARCHITECTURE, MODALITY, PLACEHOLDER_TOKEN, RefragConfig, load_refrag_config
-from .prompt import Passage, RefragPromptBuilder
+from .prompt import Passage, RefragPromptBuilder, escape_text, passage
 
 __all__ = [
     "ARCHITECTURE", "MODALITY", "PLACEHOLDER_TOKEN", "CompressedChunks", "Passage", "RefragConfig",
-    "RefragPromptBuilder", "decode_embeds", "encode_embeds", "load_refrag_config", "register",
+    "RefragPromptBuilder", "decode_embeds", "encode_embeds", "escape_text", "load_refrag_config", "passage",
+    "register",
 ]
 
 _registered = False
+
+SUPPORTED_VLLM = ((0, 32), (0, 34))
+"""vLLM releases the plug-in supports: ``>= 0.32, < 0.34`` (tested with 0.32.0). It uses
+vLLM's multimodal processor and renderer hooks, which change between minor releases."""
+
+
+def check_vllm_version(version: str) -> None:
+    """Warn when ``version`` is outside :data:`SUPPORTED_VLLM`."""
+    import re
+    import warnings
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    (lo, hi), found = SUPPORTED_VLLM, (int(m.group(1)), int(m.group(2))) if m else None
+    if found is None or not lo <= found < hi:
+        warnings.warn(f"refrag-vllm supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
+                      "Its multimodal and renderer hooks may not fit this release.", stacklevel=3)
 
 
 def register() -> None:
@@ -21,8 +38,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import vllm
     from vllm import ModelRegistry
 
+    check_vllm_version(vllm.__version__)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "refrag_vllm.model:RefragLlamaForCausalLM")
     from .renderer import register_renderer

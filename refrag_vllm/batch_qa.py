@@ -86,7 +86,9 @@ def answer_file_ray(index_dir, model_dir, questions_path, out, *, num_workers: i
 
     questions = read_questions(questions_path)
     PassageIndex.open(index_dir).check_model(model_dir)  # fail here, not in every worker
-    engine_kwargs = dict(engine_kwargs or dict(enforce_eager=True, max_model_len=8192, dtype="bfloat16"))
+    # The index's cached vectors come from this process: enable_mm_embeds lets them in.
+    engine_kwargs = {"enable_mm_embeds": True,
+                     **(engine_kwargs or dict(enforce_eager=True, max_model_len=8192, dtype="bfloat16"))}
     init_ray(address, env_vars=engine_env_for_workers())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

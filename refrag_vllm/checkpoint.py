@@ -53,13 +53,18 @@ def assemble_model(
     weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    standardize_projector_inputs: bool = False,
+    projector_output_norm: float | None = None,
 ):
     """Decoder + encoder (+ fresh projector) -> an in-memory ``RefragReferenceModel``.
 
     ``decoder`` is a transformers ``LlamaForCausalLM`` and ``encoder`` a transformers
     encoder model (``BertModel``, ``RobertaModel``...).  ``weights`` overrides any
     tensor by checkpoint name, e.g. ``projector.fc1.weight``.  Adds the placeholder
-    token to ``decoder_tokenizer``.
+    token to ``decoder_tokenizer``.  The projector standardizes its inputs
+    (``ProjectorConfig.standardize_inputs``) when asked, or when ``weights`` hold its
+    ``projector.input_mean``.  ``projector_output_norm="tokens"`` scales every projected
+    vector to the decoder's mean token-embedding norm; a number sets the norm itself.
     """
     from .reference import RefragReferenceModel
 
@@ -69,12 +74,15 @@ def assemble_model(
     if encoder_max_tokens is None:
         encoder_max_tokens = min(8 * chunk_size, int(enc_cfg.get("max_position_embeddings", 512)))
     trained = bool(weights) and any(k.startswith("projector.") for k in weights)
+    standardize = standardize_projector_inputs or bool(weights and "projector.input_mean" in weights)
     cfg = RefragConfig(
         chunk_size=chunk_size,
         placeholder_token=PLACEHOLDER_TOKEN,
         placeholder_token_id=placeholder_id,
         encoder=enc_cfg,
-        projector=ProjectorConfig(in_dim=int(enc_cfg["hidden_size"]), hidden_dim=hidden, out_dim=hidden),
+        projector=ProjectorConfig(in_dim=int(enc_cfg["hidden_size"]), hidden_dim=hidden, out_dim=hidden,
+                                  standardize_inputs=standardize,
+                                  output_norm=_output_norm(projector_output_norm, decoder)),
         encoder_pooling=encoder_pooling,
         encoder_max_tokens=encoder_max_tokens,
         max_chunks_per_item=max_chunks_per_item,
@@ -105,6 +113,16 @@ def assemble_model(
     model.encoder_tokenizer = encoder_tokenizer
     model.eval()
     return model
+
+
+def _output_norm(spec, decoder) -> float | None:
+    """``None``, a norm, or ``"tokens"``: the decoder's mean token-embedding norm."""
+    if spec in (None, "", 0):
+        return None
+    if spec == "tokens":
+        weight = decoder.get_input_embeddings().weight.detach().float()
+        return round(float(weight.norm(dim=-1).mean()), 4)
+    return float(spec)
 
 
 def set_refrag_config(model, cfg: RefragConfig) -> None:

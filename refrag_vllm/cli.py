@@ -146,6 +146,14 @@ def demo_passages(tokenizer, tokens: int = 160) -> list[str]:
     return texts
 
 
+def quiet_logs() -> None:
+    """Engine and library logs at warning level (set before vLLM is imported; the engine
+    process inherits it), so the demo's output is its answers."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def cmd_demo(args) -> None:
     from vllm import LLM, SamplingParams
 
@@ -163,8 +171,6 @@ def cmd_demo(args) -> None:
     }
     if builder.expander is not None:
         prompts["REFRAG + policy expanding 10% of chunks"] = builder.build(question, passages, expand_fraction=0.1)
-    # On CPU, gpu_memory_utilization is the share of RAM vLLM reserves; this process already
-    # holds the prompt builder and its policy, so ask for half (plenty for a 135M model).
     llm = make_llm(model)
     params = SamplingParams(max_tokens=48, temperature=0.0)
     print(f"\nQ: {question}  (passages: the docstrings of json.dumps, json.loads, json.JSONDecoder)")
@@ -174,13 +180,19 @@ def cmd_demo(args) -> None:
         print(f"A: {out.outputs[0].text.strip()}")
 
 
+KV_CACHE_BYTES = 2 << 30
+"""The KV cache the CLI's engines ask for: 2 GiB holds ~90k tokens of SmolLM2-135M.  A fixed
+size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) refuses."""
+
+
 def make_llm(model: str | Path):
-    """The CLI's offline engine.  On CPU, gpu_memory_utilization is the share of RAM vLLM
-    reserves; this process also holds prompt builders (and the policy), so ask for half."""
+    """The CLI's offline engine (a fixed KV cache: :data:`KV_CACHE_BYTES`).  Precomputed
+    chunk vectors (the policy's, the index's) come from this process itself, so they are
+    enabled (``enable_mm_embeds``)."""
     from vllm import LLM
 
     return LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
-               gpu_memory_utilization=0.5)
+               kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
 
 
 def cmd_index(args) -> None:
@@ -252,6 +264,9 @@ def cmd_serve(args, extra: list[str]) -> None:
     model = args.model
     if model is None:
         model = str(ensure_default_checkpoint(DEFAULT_CHECKPOINT))
+    memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+    if not any(a.split("=")[0] in memory_flags for a in extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        extra = [*extra, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
     print(" ".join(argv), flush=True)
     os.execv(sys.executable, argv)
@@ -281,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
     d = sub.add_parser("demo", help="build the default checkpoint (if needed) and generate with it")
     d.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+    d.add_argument("--verbose", action="store_true", help="show vLLM's engine logs (default: answers only)")
 
     s = sub.add_parser("serve", help="OpenAI-compatible server (extra args go to vLLM)")
     s.add_argument("model", nargs="?", help=f"checkpoint (default: build/serve {DEFAULT_CHECKPOINT})")
@@ -318,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "positions":
         cmd_positions(args)
     elif args.command == "demo":
+        if not args.verbose:
+            quiet_logs()
         cmd_demo(args)
     else:
         from .corpora import CorpusError

@@ -33,6 +33,14 @@ class ProjectorConfig:
     hidden_dim: int
     out_dim: int
     activation: str = "gelu"
+    standardize_inputs: bool = False
+    """Subtract a per-dimension mean and divide by a per-dimension std (buffers
+    ``input_mean`` / ``input_inv_std``, measured on training chunks) before ``fc1``.
+    Mean-pooled decoder-layer features share a large common component in a few
+    dimensions; standardized, every dimension reaches ``fc1`` on the same scale."""
+    output_norm: float | None = None
+    """If set, every projected vector is scaled to this L2 norm (e.g. the decoder's mean
+    token-embedding norm), so a chunk position enters the decoder at a token's scale."""
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,12 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
     if any(k.startswith("expansion_policy.") for k in heads):
         policy_cfg = PolicyConfig(**meta["expansion_policy"])
         model.expansion_policy = ExpansionPolicy(policy_cfg)
+    if "projector.input_mean" in heads and not cfg.projector.standardize_inputs:
+        # A delta trained with a standardizing projector brings its input statistics.
+        from .projector import ChunkProjector
+
+        cfg = dataclasses.replace(cfg, projector=dataclasses.replace(cfg.projector, standardize_inputs=True))
+        model.projector = ChunkProjector(cfg.projector)
     cfg = dataclasses.replace(
         cfg,
         chunk_size=int(chunk_size or meta["chunk_size"]),

@@ -47,6 +47,7 @@ from .chunks import CompressedChunks, validate_item
 from .config import ENCODER_TOKENIZER_DIR, MODALITY, RefragConfig, refrag_config_from_hf
 from .encoder import ChunkEncoder, tokenize_chunks
 from .projector import ChunkProjector
+from .prompt import EMBEDS_DISABLED
 
 # Keys of the per-item model kwargs, one set per chunk kind.
 TEXT_KEYS = ("chunk_input_ids", "chunk_attention_mask")
@@ -169,6 +170,8 @@ class RefragMultiModalProcessor(BaseMultiModalProcessor[RefragProcessingInfo]):
         if unknown:
             raise ValueError(f"unsupported modality {sorted(unknown)}; this model takes {MODALITY!r}")
         items: list[CompressedChunks] = list(mm_items[MODALITY]) if MODALITY in mm_items else []
+        if any(item.kind != "text" for item in items) and not self.info.ctx.get_mm_config().enable_mm_embeds:
+            raise ValueError(EMBEDS_DISABLED)
         prompt = list(inputs.prompt)
         n_placeholders = sum(1 for t in prompt if t == pid)
         if n_placeholders != len(items):

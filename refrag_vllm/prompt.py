@@ -17,6 +17,15 @@ token in the prompt per item, one decoder position per chunk after processing),
 expanded chunks stay as their own tokens.  The offline API
 (:meth:`RefragPromptBuilder.build`) and the OpenAI server's renderer both call
 ``render``, so they produce the same tokens for the same request.
+
+Escaping.  In a prompt that holds passage markup, ``&lt;``, ``&gt;`` and ``&amp;``
+stand for ``<``, ``>`` and ``&``, inside passage bodies and outside them.  A text
+passage's body must not contain a raw ``<passage`` (nested markup is refused), so
+retrieved text cannot open a passage of its own: escape it with :func:`escape_text`,
+or build the markup with :func:`passage`.  A prompt with no markup is left as it is.
+
+Precomputed vectors (``format="encoder"``, ``format="projected"``, ``encoder=``) are
+accepted only when the caller allows them (the server: ``--enable-mm-embeds``).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,15 @@ _PASSAGE_RE = re.compile(r"<passage(?P<attrs>(?:\s+[A-Za-z_]+=\"[^\"]*\")*)\s*>(
 _ATTR_RE = re.compile(r"\s+([A-Za-z_]+)=\"([^\"]*)\"")
 _PASSAGE_FIELDS = {"format", "expand", "encoder"}
 _FORMATS = {"text", "encoder", "projected"}
+_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_ESCAPE_RE = re.compile("[&<>]")
+_UNESCAPE_RE = re.compile("&(amp|lt|gt);")
+_UNESCAPES = {"amp": "&", "lt": "<", "gt": ">"}
+EMBEDS_DISABLED = (
+    "precomputed chunk vectors (format=\"encoder\", format=\"projected\", encoder=\"...\") are "
+    "disabled: start the server with --enable-mm-embeds (LLM(enable_mm_embeds=True) offline) to accept "
+    "them, and only from clients you trust. Text passages always work."
+)
 
 Prompt = dict[str, Any]
 """``{"prompt_token_ids": [...], "multi_modal_data": {"refrag_chunk": [CompressedChunks, ...]}}``"""
@@ -55,6 +74,27 @@ class Passage:
 
 def has_passages(text: str) -> bool:
     return "<passage" in text
+
+
+def escape_text(text: str) -> str:
+    """Plain text -> text that passage markup reads back as exactly ``text``
+    (``&`` -> ``&amp;``, ``<`` -> ``&lt;``, ``>`` -> ``&gt;``)."""
+    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], text)
+
+
+def unescape_text(text: str) -> str:
+    """The inverse of :func:`escape_text` (one pass: ``&amp;lt;`` -> ``&lt;``)."""
+    return _UNESCAPE_RE.sub(lambda m: _UNESCAPES[m.group(1)], text)
+
+
+def passage(text: str, expand: Sequence[int] = ()) -> str:
+    """One text passage as markup for any prompt or chat message, its text escaped.
+
+    ``expand`` lists chunk indices to keep as raw tokens.  Any text may go in, markup
+    included: the server reads back exactly ``text``.
+    """
+    attrs = f' expand="{",".join(str(int(e)) for e in expand)}"' if len(expand) else ""
+    return f"<passage{attrs}>{escape_text(text)}</passage>"
 
 
 def chunk_text(tokenizer, chunk_ids: Sequence[int]) -> str:
@@ -111,6 +151,22 @@ def pieces_to_prompt(pieces: Sequence[int | CompressedChunks], placeholder_id: i
     if items:
         prompt["multi_modal_data"] = {MODALITY: items}
     return prompt
+
+
+def rag_user_message(passage_markup: Sequence[str], question_markup: str) -> str:
+    """The one RAG user-turn layout (offline builder, chat ``documents``): the passages'
+    markup, then the question, both already marked text."""
+    context = "\n\n".join(passage_markup)
+    return f"Answer the question using these passages.\n\n{context}\n\nQuestion: {question_markup}"
+
+
+def document_text(document, index: int) -> str:
+    """A chat ``documents`` entry (``{"text": ..., "title"?: ...}``) -> its passage text:
+    the title, a newline and the text, or the text alone."""
+    if not isinstance(document, dict) or not isinstance(document.get("text"), str) or not document["text"].strip():
+        raise ValueError(f"documents[{index}] must be an object with a non-empty \"text\" string")
+    title = document.get("title")
+    return f"{title}\n{document['text']}" if isinstance(title, str) and title.strip() else document["text"]
 
 
 class RefragPromptBuilder:
@@ -189,7 +245,7 @@ class RefragPromptBuilder:
                                  f"{len(chunks)} chunks of k={self.k} tokens")
         return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items, embeds)
 
-    def _parse_passage_markup(self, attrs: str, body: str, index: int) -> Passage:
+    def _parse_passage_markup(self, attrs: str, body: str, index: int, allow_embeds: bool = True) -> Passage:
         fields = dict(_ATTR_RE.findall(attrs))
         unknown = set(fields) - _PASSAGE_FIELDS
         if unknown:
@@ -199,7 +255,15 @@ class RefragPromptBuilder:
         fmt = fields.get("format", "text")
         if fmt not in _FORMATS:
             raise ValueError(f"passage {index}: unknown format {fmt!r}; allowed: {sorted(_FORMATS)}")
+        if not allow_embeds and (fmt != "text" or "encoder" in fields):
+            raise ValueError(f"passage {index}: {EMBEDS_DISABLED}")
         if fmt == "text":
+            if "<passage" in body:
+                raise ValueError(
+                    f"passage {index} contains nested <passage markup; escape its text "
+                    "('<' as '&lt;', '&' as '&amp;'; refrag_vllm.passage() does)"
+                )
+            body = unescape_text(body)
             encoder_embeds = decode_embeds(fields["encoder"]) if "encoder" in fields else None
             expand: tuple[int, ...] = ()
             if fields.get("expand", "").strip():
@@ -222,20 +286,61 @@ class RefragPromptBuilder:
         return Passage(chunks=CompressedChunks(kind=fmt, embeds=embeds))
 
     # ---------------------------------------------------------------- public
-    def render(self, text: str, *, add_special_tokens: bool = False) -> Prompt:
-        """Marked text -> vLLM prompt dict (token ids + compressed chunk items)."""
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The longest text one decoder token stands for (81 characters for SmolLM2)."""
+        vocab = self.tokenizer.get_vocab()
+        return max(len(self.tokenizer.convert_tokens_to_string([t])) for t in vocab)
+
+    def check_size(self, text: str, max_positions: int) -> None:
+        """Refuse marked text that cannot fit ``max_positions`` decoder positions, before
+        any tokenizing: its text needs at least ``chars / max_token_chars`` tokens, and a
+        text passage's tokens at least ``1/k`` as many positions (vector payloads are
+        not counted here; they are bounded once decoded)."""
+        per_token = self.max_token_chars
+        outside = in_passages = 0
+        pos = 0
+        while True:  # str.find, not the markup regex: a scan of 50 MB takes milliseconds
+            start = text.find("<passage", pos)
+            opened = text.find(">", start) if start >= 0 else -1
+            end = text.find("</passage>", opened) if opened >= 0 else -1
+            if end < 0:
+                outside += len(text) - pos
+                break
+            outside += start - pos
+            attrs = text[start:opened]
+            if 'format="' not in attrs or 'format="text"' in attrs:
+                in_passages += end - opened - 1
+            pos = end + len("</passage>")
+        positions = outside / per_token + in_passages / (per_token * self.k)
+        if positions > max_positions:
+            raise ValueError(
+                f"the prompt ({len(text):,} characters) needs at least {int(positions):,} decoder positions "
+                f"at k={self.k}, more than the maximum context length of {max_positions:,}"
+            )
+
+    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True,
+               max_positions: int | None = None) -> Prompt:
+        """Marked text -> vLLM prompt dict (token ids + compressed chunk items).
+
+        With ``allow_embeds=False`` a passage of precomputed vectors is refused
+        (``ValueError``) before its vectors are decoded; with ``max_positions`` a prompt
+        that cannot fit is refused before it is tokenized (:meth:`check_size`).
+        """
+        if max_positions is not None:
+            self.check_size(text, max_positions)
         pieces: list[int | CompressedChunks] = []
         pos = 0
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
             before = text[pos : m.start()]
             self._check_plain_text(before)
-            pieces += self._encode(before, add_special_tokens and pos == 0)
-            passage = self._parse_passage_markup(m.group("attrs"), m.group("body"), index)
-            pieces += self._passage_pieces(passage, index)
+            pieces += self._encode(unescape_text(before), add_special_tokens and pos == 0)
+            parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)
+            pieces += self._passage_pieces(parsed, index)
             pos = m.end()
         tail = text[pos:]
         self._check_plain_text(tail)
-        pieces += self._encode(tail, add_special_tokens and pos == 0)
+        pieces += self._encode(unescape_text(tail) if pos else tail, add_special_tokens and pos == 0)
         return pieces_to_prompt(pieces, self.placeholder_id)
 
     def format_passage(self, passage: str | Passage | CompressedChunks) -> str:
@@ -251,21 +356,18 @@ class RefragPromptBuilder:
             if c.kind == "text":
                 raise ValueError("give text passages as str or Passage(text=...)")
             return f'<passage format="{c.kind}">{encode_embeds(c.embeds)}</passage>'
-        body = passage.text or ""
-        if "<passage" in body or "</passage>" in body:
-            raise ValueError("a passage's text must not contain <passage> markup")
         expand = f' expand="{",".join(map(str, passage.expand))}"' if passage.expand else ""
         if passage.encoder_embeds is not None:
             expand += f' encoder="{encode_embeds(passage.encoder_embeds)}"'
-        return f"<passage{expand}>{body}</passage>"
+        return f"<passage{expand}>{escape_text(passage.text or '')}</passage>"
 
     def format_user_message(self, question: str, passages: Sequence[str | Passage | CompressedChunks]) -> str:
-        """The RAG user turn: passages, then the question, as marked text."""
+        """The RAG user turn: passages, then the question, as marked text (the question
+        escaped, so it reads back as given)."""
         parts = [self.format_passage(p) for p in passages]
-        context = "\n\n".join(parts)
         if not parts:
             return question
-        return f"Answer the question using these passages.\n\n{context}\n\nQuestion: {question}"
+        return rag_user_message(parts, escape_text(question))
 
     def build(
         self,
@@ -298,6 +400,8 @@ class RefragPromptBuilder:
                 for p, e in zip(passages, expand)
             ]
         content = self.format_user_message(question, passages)
+        if system and passages:
+            system = escape_text(system)
         if use_chat_template and getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": content}

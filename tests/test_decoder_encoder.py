@@ -1,5 +1,8 @@
 """The decoder-stack encoder (``decoder-layers:N``): the decoder's own first layers as the
-chunk encoder, served by vLLM with the same parity as the BERT encoder.
+chunk encoder, served by vLLM with the same parity as the BERT encoder.  Its projector
+standardizes its inputs (``ProjectorConfig.standardize_inputs``), with random statistics,
+and scales its outputs to the token embeddings' norm (``output_norm``), so the parity tests
+also cover both options and show vLLM loads the statistics.
 
 One engine for the module (prefix caching on, chunked prefill in small steps)."""
 
@@ -16,7 +19,8 @@ def stack_ckpt(tmp_path_factory):
     from tiny_models import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-stack", k=16, max_positions=8192,
-                                encoder="decoder-layers:1")
+                                encoder="decoder-layers:1", standardize_projector_inputs=True,
+                                projector_output_norm="tokens")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,19 @@ def test_encoder_is_the_decoders_first_layers(stack_models):
     # A separate copy: training the encoder leaves the decoder's layers as they are.
     assert (stack_reference.chunk_encoder.model.layers[0].self_attn.q_proj.weight.data_ptr()
             != stack_reference.model.layers[0].self_attn.q_proj.weight.data_ptr())
+
+
+def test_projector_standardizes_with_its_checkpoint_statistics(stack_models):
+    stack_reference, _ = stack_models
+    projector = stack_reference.projector
+    assert stack_reference.refrag_config.projector.standardize_inputs
+    x = torch.randn(3, projector.fc1.in_features)
+    expected = projector.fc2(projector.act(projector.fc1((x - projector.input_mean) * projector.input_inv_std)))
+    norm = stack_reference.refrag_config.projector.output_norm
+    token_norm = stack_reference.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert norm == pytest.approx(float(token_norm), rel=1e-3)
+    torch.testing.assert_close(projector(x), expected * norm / expected.norm(dim=-1, keepdim=True))
+    assert not torch.allclose(projector.input_mean, torch.zeros_like(projector.input_mean))
 
 
 def test_text_chunks_match_reference(llm, stack_models):

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from conftest import LOGPROB_ATOL, PASSAGES, QUESTION
+from conftest import EXACT, LOGPROB_ATOL, PASSAGES, QUESTION, assert_server_serves, check_chat, marked, openai_client, serve_tiny, token_id
 from refrag_vllm import CompressedChunks, encode_embeds
 
 pytestmark = pytest.mark.slow
@@ -12,55 +12,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    from benchmarks.server import VllmServer
-
-    flags = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "8192", "--block-size", "32",
-             "--max-num-seqs", "8"]
-    with VllmServer(tiny_ckpt, flags, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=300,
-                    log_path=tmp_path_factory.mktemp("server") / "server.log") as srv:
-        yield srv.url
+    # Precomputed vectors are opt-in (vLLM's --enable-mm-embeds); this server takes them.
+    with serve_tiny(tiny_ckpt, tmp_path_factory, ["--enable-mm-embeds"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server, api_key="none", max_retries=0, timeout=120)
-
-
-EXACT = {"ignore_eos": True, "return_tokens_as_token_ids": True}
-
-
-def _token_id(token: str) -> int:
-    assert token.startswith("token_id:"), token
-    return int(token.split(":", 1)[1])
-
-
-def _marked(passages):
-    return "Answer the question using these passages.\n\n" + "\n\n".join(passages) + f"\n\nQuestion: {QUESTION}"
-
-
-def _chat_prompt(builder, content):
-    text = builder.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)
-    return builder.render(text)
-
-
-def _check_chat(client, builder, reference, content, max_tokens=8):
-    resp = client.chat.completions.create(
-        model="refrag", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-        temperature=0, logprobs=True, extra_body=EXACT)
-    ref = reference.greedy_generate(_chat_prompt(builder, content), max_tokens)
-    assert [_token_id(t.token) for t in resp.choices[0].logprobs.content] == ref.token_ids
-    got = [t.logprob for t in resp.choices[0].logprobs.content]
-    assert len(got) == len(ref.logprobs)
-    assert max(abs(a - b) for a, b in zip(got, ref.logprobs)) < LOGPROB_ATOL
-    return resp
+    return openai_client(server)
 
 
 def test_chat_with_text_passages(client, builder, reference):
-    content = _marked([f"<passage>{p}</passage>" for p in PASSAGES])
-    resp = _check_chat(client, builder, reference, content)
+    content = marked([f"<passage>{p}</passage>" for p in PASSAGES])
+    resp = check_chat(client, builder, reference, content)
     # The passages were compressed: far fewer prompt positions than their tokens.
     n_text = sum(len(builder.tokenizer(p)["input_ids"]) for p in PASSAGES)
     assert resp.usage.prompt_tokens < n_text
@@ -71,24 +35,24 @@ def test_chat_mixed_expanded_and_precomputed(client, builder, reference):
     with torch.no_grad():
         proj = reference.project_item(CompressedChunks.from_texts(texts))
         enc = reference.encode_texts(texts)
-    content = _marked([f'<passage expand="1">{PASSAGES[0]}</passage>',
+    content = marked([f'<passage expand="1">{PASSAGES[0]}</passage>',
                        f'<passage format="projected">{encode_embeds(proj)}</passage>',
                        f'<passage format="encoder">{encode_embeds(enc)}</passage>'])
-    _check_chat(client, builder, reference, content)
+    check_chat(client, builder, reference, content)
 
 
 def test_completions_with_passages(client, builder, reference):
-    prompt = _marked([f"<passage>{p}</passage>" for p in PASSAGES])
+    prompt = marked([f"<passage>{p}</passage>" for p in PASSAGES])
     resp = client.completions.create(model="refrag", prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
                                      extra_body=EXACT)
     ref = reference.greedy_generate(builder.render(prompt, add_special_tokens=True), 8)
-    assert [_token_id(t) for t in resp.choices[0].logprobs.tokens] == ref.token_ids
+    assert [token_id(t) for t in resp.choices[0].logprobs.tokens] == ref.token_ids
     got = resp.choices[0].logprobs.token_logprobs
     assert max(abs(a - b) for a, b in zip(got, ref.logprobs)) < LOGPROB_ATOL
 
 
 def test_streaming_equals_non_streaming(client):
-    messages = [{"role": "user", "content": _marked([f"<passage>{p}</passage>" for p in PASSAGES])}]
+    messages = [{"role": "user", "content": marked([f"<passage>{p}</passage>" for p in PASSAGES])}]
     full = client.chat.completions.create(model="refrag", messages=messages, max_tokens=12, temperature=0,
                                           extra_body={"ignore_eos": True})
     stream = client.chat.completions.create(model="refrag", messages=messages, max_tokens=12, temperature=0,
@@ -124,7 +88,4 @@ def test_bad_input_is_400_and_server_survives(client, name):
     assert expected.lower() in str(err.value).lower()
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="refrag", prompt=content, max_tokens=4)
-    # The server keeps serving.
-    ok = client.chat.completions.create(model="refrag", max_tokens=2, messages=[
-        {"role": "user", "content": f"<passage>{PASSAGES[0]}</passage> {QUESTION}"}])
-    assert ok.choices[0].finish_reason in ("length", "stop")
+    assert_server_serves(client)

@@ -256,6 +256,36 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
         assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay"], rel_tol=1e-5) for r in log)
 
 
+def test_reconstruction_measures_the_standardizing_projectors_statistics(tiny_cfg, tmp_path):
+    """A fresh reconstruction stage sets ``input_mean``/``input_inv_std`` from training
+    chunks; they are saved with the delta, and the exported checkpoint standardizes."""
+    from safetensors.torch import load_file
+
+    from refrag_train import reconstruction
+    from refrag_train.model import export_checkpoint
+    from refrag_vllm.config import load_refrag_config
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "std-base", k=4, max_positions=4096, standardize_projector_inputs=True)
+    model = _model(tiny_cfg, ckpt)
+    corpus = _corpus(model)
+    random_mean = model.refrag.projector.input_mean.clone()
+    final = reconstruction.train_reconstruction(model, corpus, tmp_path / "run")
+    projector = model.refrag.projector
+    mean, inv_std = projector.input_mean.clone(), projector.input_inv_std.clone()
+    assert not torch.equal(mean, random_mean)
+    texts = [model.tokenizer.decode(corpus.window(4, __import__("random").Random(i))) for i in range(64)]
+    with torch.no_grad():
+        vectors = model.refrag.encode_texts(texts).float()
+    # Standardized, a sample of the same chunks has about zero mean and unit std per dimension.
+    z = (vectors - mean) * inv_std
+    assert z.mean(0).abs().mean() < 0.5 and 0.5 < z.std(0).mean() < 1.5
+    heads = load_file(str(final / "refrag_heads.safetensors"))
+    assert torch.equal(heads["projector.input_mean"], mean)  # measured at the start, not trained
+    out = export_checkpoint(tiny_cfg, final, tmp_path / "ckpt", base_checkpoint=ckpt)
+    assert load_refrag_config(out)[1].projector.standardize_inputs
+
+
 def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, base_ckpt, tmp_path):
     """replay_distill scores the replay samples by KL to the weights SFT started from:
     zero before the first update, positive once the model has moved."""

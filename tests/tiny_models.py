@@ -65,9 +65,12 @@ def make_encoder_tokenizer():
 
 
 def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_positions: int = 4096,
-                         encoder: str = "bert") -> Path:
+                         encoder: str = "bert", standardize_projector_inputs: bool = False,
+                         projector_output_norm=None) -> Path:
     """A random tiny REFRAG checkpoint: Llama (hidden 64, head_dim 32) + BERT (hidden 32),
-    or with ``encoder="decoder-layers:N"`` the decoder's own first N layers as the encoder."""
+    or with ``encoder="decoder-layers:N"`` the decoder's own first N layers as the encoder.
+    ``standardize_projector_inputs`` gives the projector random (non-trivial) input statistics;
+    ``projector_output_norm`` is passed on (see ``assemble_model``)."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from refrag_vllm.checkpoint import assemble_checkpoint
@@ -90,9 +93,10 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
         from refrag_vllm.default_models import load_encoder
 
         stack, stack_tok = load_encoder(encoder, decoder, dec_tok)
+        stats = _random_input_statistics(dec_cfg.hidden_size) if standardize_projector_inputs else None
         return assemble_checkpoint(
             out_dir, decoder, dec_tok, stack, stack_tok, chunk_size=k, max_chunks_per_item=64,
-            dtype=torch.float32, seed=seed,
+            dtype=torch.float32, seed=seed, weights=stats, projector_output_norm=projector_output_norm,
         )
     enc_cfg = BertConfig(
         vocab_size=len(enc_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -102,7 +106,13 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
     return assemble_checkpoint(
         out_dir, decoder, dec_tok, encoder, enc_tok, chunk_size=k, max_chunks_per_item=64,
         dtype=torch.float32, seed=seed,
+        weights=_random_input_statistics(enc_cfg.hidden_size) if standardize_projector_inputs else None,
+        projector_output_norm=projector_output_norm,
     )
+
+
+def _random_input_statistics(width: int) -> dict[str, torch.Tensor]:
+    return {"projector.input_mean": torch.randn(width), "projector.input_inv_std": torch.rand(width) + 0.5}
 
 
 def add_random_policy(ckpt: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
