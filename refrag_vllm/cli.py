@@ -147,11 +147,15 @@ def demo_passages(tokenizer, tokens: int = 160) -> list[str]:
 
 
 def quiet_logs() -> None:
-    """Engine and library logs at warning level (set before vLLM is imported; the engine
-    process inherits it), so the demo's output is its answers."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    """Engine and library logs at error level, warnings off (set before vLLM is imported;
+    the engine process inherits them), so the demo's output is its answers."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import warnings
+
+    warnings.simplefilter("ignore")
 
 
 def cmd_demo(args) -> None:
