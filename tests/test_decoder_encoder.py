@@ -58,7 +58,7 @@ def test_projector_standardizes_with_its_checkpoint_statistics(stack_models):
     x = torch.randn(3, projector.fc1.in_features)
     expected = projector.fc2(projector.act(projector.fc1((x - projector.input_mean) * projector.input_inv_std)))
     norm = stack_reference.refrag_config.projector.output_norm
-    token_norm = stack_reference.get_input_embeddings().weight.norm(dim=-1).mean()
+    token_norm = stack_reference.get_input_embeddings().weight.detach().norm(dim=-1).mean()
     assert norm == pytest.approx(float(token_norm), rel=1e-3)
     torch.testing.assert_close(projector(x), expected * norm / expected.norm(dim=-1, keepdim=True))
     assert not torch.allclose(projector.input_mean, torch.zeros_like(projector.input_mean))
