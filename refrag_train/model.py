@@ -12,6 +12,8 @@ weights stay in ``run.dtype`` (bf16 by default).
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from pathlib import Path
 
@@ -147,6 +149,7 @@ class TrainingModel:
             "expansion_policy": vars(self.policy_config) if with_policy else None,
             "chunk_sizes_trained": self.cfg.run.chunk_sizes,
             "encoder": self.cfg.run.encoder or None,
+            "projector": dataclasses.asdict(self.refrag.refrag_config.projector),
             **(meta or {}),
         }
         return save_delta(out_dir, adapter_config=self.lora_config, dtype=torch.float32,

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from refrag_vllm.prompt import chunk_text
+
 from .curriculum import curriculum_batches
 from .model import ENCODER_LORA, TrainingModel
-from .samples import TokenCorpus, reconstruction_sample, split_chunks
+from .samples import TokenCorpus, reconstruction_sample
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "reconstruction"
@@ -45,7 +47,7 @@ def measure_projector_inputs(model: TrainingModel, corpus: TokenCorpus, num_chun
     vectors of ``num_chunks`` training chunks of the default k (seeded)."""
     k = model.cfg.run.default_chunk_size
     rng = step_rng(model.cfg.run.seed, "projector-inputs", 0)
-    texts = [model.tokenizer.decode(split_chunks(corpus.window(k, rng), k)[0]) for _ in range(num_chunks)]
+    texts = [chunk_text(model.tokenizer, corpus.window(k, rng)) for _ in range(num_chunks)]
     vectors = [model.refrag.encode_texts(texts[i:i + batch_size]).float()
                for i in tqdm(range(0, num_chunks, batch_size), desc="projector input statistics", unit="batch")]
     model.refrag.projector.set_input_statistics(torch.cat(vectors))

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import set_refrag_config
-from .config import PolicyConfig
+from .config import PolicyConfig, ProjectorConfig
 from .expansion_policy import ExpansionPolicy
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,9 +102,10 @@ def read_delta_meta(delta_dir: str | Path) -> dict[str, Any]:
 def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
     """Merge a delta into an in-memory ``RefragReferenceModel``; returns the merged model.
 
-    The projector (and policy) are replaced, LoRA is merged into the decoder and
-    encoder weights, and the ``refrag`` config records the delta's chunk size
-    (or ``chunk_size``) and policy shape.
+    The projector (built as the delta's ``projector`` config says, if it gives one) and
+    the policy are replaced, LoRA is merged into the decoder and encoder weights, and the
+    ``refrag`` config records the delta's chunk size (or ``chunk_size``), projector and
+    policy shape.
     """
     delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
@@ -127,11 +128,11 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
     if any(k.startswith("expansion_policy.") for k in heads):
         policy_cfg = PolicyConfig(**meta["expansion_policy"])
         model.expansion_policy = ExpansionPolicy(policy_cfg)
-    if "projector.input_mean" in heads and not cfg.projector.standardize_inputs:
-        # A delta trained with a standardizing projector brings its input statistics.
+    if meta.get("projector") and ProjectorConfig(**meta["projector"]) != cfg.projector:
+        # The projector the delta was trained as (input standardization, output norm).
         from .projector import ChunkProjector
 
-        cfg = dataclasses.replace(cfg, projector=dataclasses.replace(cfg.projector, standardize_inputs=True))
+        cfg = dataclasses.replace(cfg, projector=ProjectorConfig(**meta["projector"]))
         model.projector = ChunkProjector(cfg.projector)
     cfg = dataclasses.replace(
         cfg,

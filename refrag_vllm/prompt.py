@@ -87,13 +87,18 @@ def unescape_text(text: str) -> str:
     return _UNESCAPE_RE.sub(lambda m: _UNESCAPES[m.group(1)], text)
 
 
-def passage(text: str, expand: Sequence[int] = ()) -> str:
+def passage(text: str, expand: Sequence[int] = (), encoder_embeds=None) -> str:
     """One text passage as markup for any prompt or chat message, its text escaped.
 
-    ``expand`` lists chunk indices to keep as raw tokens.  Any text may go in, markup
-    included: the server reads back exactly ``text``.
+    ``expand`` lists chunk indices to keep as raw tokens; ``encoder_embeds`` (optional,
+    ``(num_chunks, encoder_hidden)``) are its chunks' encoder vectors.  Any text may go
+    in, markup included: the server reads back exactly ``text``.
     """
+    from .chunks import encode_embeds
+
     attrs = f' expand="{",".join(str(int(e)) for e in expand)}"' if len(expand) else ""
+    if encoder_embeds is not None:
+        attrs += f' encoder="{encode_embeds(encoder_embeds)}"'
     return f"<passage{attrs}>{escape_text(text)}</passage>"
 
 
@@ -319,16 +324,12 @@ class RefragPromptBuilder:
                 f"at k={self.k}, more than the maximum context length of {max_positions:,}"
             )
 
-    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True,
-               max_positions: int | None = None) -> Prompt:
+    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True) -> Prompt:
         """Marked text -> vLLM prompt dict (token ids + compressed chunk items).
 
         With ``allow_embeds=False`` a passage of precomputed vectors is refused
-        (``ValueError``) before its vectors are decoded; with ``max_positions`` a prompt
-        that cannot fit is refused before it is tokenized (:meth:`check_size`).
+        (``ValueError``) before its vectors are decoded.
         """
-        if max_positions is not None:
-            self.check_size(text, max_positions)
         pieces: list[int | CompressedChunks] = []
         pos = 0
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
@@ -343,23 +344,20 @@ class RefragPromptBuilder:
         pieces += self._encode(unescape_text(tail) if pos else tail, add_special_tokens and pos == 0)
         return pieces_to_prompt(pieces, self.placeholder_id)
 
-    def format_passage(self, passage: str | Passage | CompressedChunks) -> str:
-        """One passage as marked text."""
+    def format_passage(self, item: str | Passage | CompressedChunks) -> str:
+        """One passage as marked text (a text passage through :func:`passage`)."""
         from .chunks import encode_embeds
 
-        if isinstance(passage, str):
-            passage = Passage(text=passage)
-        elif isinstance(passage, CompressedChunks):
-            passage = Passage(chunks=passage)
-        if passage.chunks is not None:
-            c = passage.chunks
+        if isinstance(item, str):
+            item = Passage(text=item)
+        elif isinstance(item, CompressedChunks):
+            item = Passage(chunks=item)
+        if item.chunks is not None:
+            c = item.chunks
             if c.kind == "text":
                 raise ValueError("give text passages as str or Passage(text=...)")
             return f'<passage format="{c.kind}">{encode_embeds(c.embeds)}</passage>'
-        expand = f' expand="{",".join(map(str, passage.expand))}"' if passage.expand else ""
-        if passage.encoder_embeds is not None:
-            expand += f' encoder="{encode_embeds(passage.encoder_embeds)}"'
-        return f"<passage{expand}>{escape_text(passage.text or '')}</passage>"
+        return passage(item.text or "", item.expand, item.encoder_embeds)
 
     def format_user_message(self, question: str, passages: Sequence[str | Passage | CompressedChunks]) -> str:
         """The RAG user turn: passages, then the question, as marked text (the question

@@ -136,12 +136,12 @@ def test_oversized_prompt_refused_before_tokenizing(builder):
     huge = "<passage>" + "All work and no play makes Jack a dull boy. " * 1_200_000 + "</passage> Who?"
     start = time.perf_counter()
     with pytest.raises(ValueError, match="maximum context length"):
-        builder.render(huge, max_positions=8192)
+        builder.check_size(huge, 8192)
     assert time.perf_counter() - start < 1.0
     # The bound is sound: one token never covers more than max_token_chars characters.
     text = " ".join(PASSAGES)
     assert len(text) / builder.max_token_chars <= len(builder.tokenizer(text)["input_ids"])
-    builder.render(f"<passage>{text}</passage>", max_positions=8192)
+    builder.check_size(f"<passage>{text}</passage>", 8192)
 
 
 def test_vectors_refused_when_not_allowed(builder):

@@ -125,7 +125,8 @@ def _good_request_seconds(client) -> float:
 
 def test_oversized_body_is_refused_fast_and_others_are_unaffected(client, server_url):
     """A 50 MB chat body is answered with a 400 within 2 s, before it is tokenized; a good
-    request running beside it takes about as long as alone."""
+    request running beside it takes at most 1.5x as long as alone, plus 0.1 s (the server
+    still parses the body's JSON, which a short request waits for)."""
     import httpx
 
     body = ('{"model": "refrag", "max_tokens": 4, "messages": [{"role": "user", "content": "<passage>'

@@ -284,6 +284,17 @@ def test_reconstruction_measures_the_standardizing_projectors_statistics(tiny_cf
     assert torch.equal(heads["projector.input_mean"], mean)  # measured at the start, not trained
     out = export_checkpoint(tiny_cfg, final, tmp_path / "ckpt", base_checkpoint=ckpt)
     assert load_refrag_config(out)[1].projector.standardize_inputs
+    # The delta names its projector, so it applies to a base whose projector does not
+    # standardize (what `refrag-vllm build --delta` assembles), statistics included.
+    from refrag_vllm.delta import apply_delta, read_delta_meta
+    from refrag_vllm.reference import RefragReferenceModel
+
+    assert read_delta_meta(final)["projector"]["standardize_inputs"]
+    plain = RefragReferenceModel.load(make_tiny_checkpoint(tmp_path / "plain-base", k=4, max_positions=4096))
+    assert not plain.refrag_config.projector.standardize_inputs
+    merged = apply_delta(plain, final)
+    assert merged.refrag_config.projector.standardize_inputs
+    assert torch.allclose(merged.projector.input_mean.float(), mean)
 
 
 def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, base_ckpt, tmp_path):
