@@ -25,7 +25,7 @@ ENCODERS = ("minilm", "decoder-layers:4", "decoder-layers:8")
 
 
 def _chunks(tokenizer, total_tokens: int, k: int) -> list[str]:
-    from refrag_vllm.cli import sample_passages
+    from refrag_vllm.retrieval.corpora import sample_passages
     from refrag_vllm.prompt import chunk_text
 
     passages = sample_passages(max(1, total_tokens // 128), 128, tokenizer)

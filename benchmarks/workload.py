@@ -1,6 +1,6 @@
 """Benchmark requests: real offline text cut into unique passages, one prompt per mode.
 
-Text: :func:`refrag_vllm.corpora.docstring_texts` (docstrings of the standard library
+Text: :func:`refrag_vllm.retrieval.corpora.docstring_texts` (docstrings of the standard library
 and the installed packages).  Every request takes fresh passages from a cursor,
 so no two requests share a chunk (cold prefill: no prefix-cache or encoder-cache hits).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refrag_vllm.corpora import docstring_texts
+from refrag_vllm.retrieval.corpora import docstring_texts
 
 QUESTION = "Which function should I use, and what does it return?"
 INSTRUCTION = "Answer the question using these passages."

@@ -13,7 +13,7 @@ import time
 from vllm import LLM, SamplingParams
 
 from refrag_vllm import RefragPromptBuilder
-from refrag_vllm.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+from refrag_vllm.engine import DEFAULT_CHECKPOINT, ensure_default_checkpoint
 
 MODULES = ["json", "csv", "pathlib", "shutil", "heapq", "textwrap", "uuid", "zipfile"]
 

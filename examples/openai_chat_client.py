@@ -1,6 +1,7 @@
 """Stream a RAG answer from `vllm serve <refrag checkpoint>` with the stock openai client.
 
-    .venv/bin/vllm serve checkpoints/refrag-smollm2-k16 --max-model-len 8192 --kv-cache-memory-bytes 2G &
+    .venv/bin/vllm serve checkpoints/refrag-smollm2-k16 --max-model-len 8192 --kv-cache-memory-bytes 2G \
+        --middleware refrag_vllm.middleware.RequestSizeLimit &
     .venv/bin/python examples/openai_chat_client.py "What does the json module do?"
     # --index sends vectors: the server needs --enable-mm-embeds
     .venv/bin/python examples/openai_chat_client.py --index runs/rag-example/index "How do I copy a file?"
@@ -50,7 +51,7 @@ def main() -> None:
 
 def retrieved_passages(index_dir: str, question: str, top_k: int, served_model: str) -> list[str]:
     from refrag_vllm import encode_embeds
-    from refrag_vllm.index import PassageIndex, Retriever
+    from refrag_vllm.retrieval.index import PassageIndex, Retriever
 
     index = PassageIndex.open(index_dir)
     if Path(served_model).exists():  # the served name is the checkpoint path unless renamed

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from vllm import SamplingParams
 
-from refrag_vllm.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint, make_llm
-from refrag_vllm.corpora import docstring_texts
-from refrag_vllm.index import build_index
-from refrag_vllm.rag import MODES, RefragRAG
+from refrag_vllm.engine import DEFAULT_CHECKPOINT, ensure_default_checkpoint, make_llm
+from refrag_vllm.retrieval.corpora import docstring_texts
+from refrag_vllm.retrieval.index import build_index
+from refrag_vllm.retrieval.rag import MODES, RefragRAG
 
 QUESTIONS = ["How do I copy a file and its permissions?", "How can I parse command-line options?",
              "What does json.dumps return?"]

@@ -2,6 +2,7 @@
 
     refrag-train prepare --out data/python-docs
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
+    refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
     refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
     refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
@@ -51,9 +52,13 @@ def cmd_prepare(args) -> None:
 
         manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
     else:
-        from .data import prepare
+        from .data import EXCLUDED_DIRS, LINUX_DOC_EXCLUDED_DIRS, LINUX_DOC_SOURCES, prepare
 
-        manifest = prepare(args.out, source=args.source, heldout_fraction=args.heldout_fraction, seed=args.seed)
+        linux = args.domain == "linux-doc"
+        manifest = prepare(args.out, source=args.source or (LINUX_DOC_SOURCES if linux else None),
+                           heldout_fraction=args.heldout_fraction, seed=args.seed,
+                           excluded_dirs=EXCLUDED_DIRS + (LINUX_DOC_EXCLUDED_DIRS if linux else ()),
+                           max_train_chars=args.max_train_chars)
     print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
 
 
@@ -70,6 +75,10 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    for folder in map(Path, cfg.data.extra_train):
+        if not (folder / "train.jsonl").exists():
+            raise SystemExit(f"data.extra_train: {folder}/train.jsonl is missing; prepare it with "
+                             f"`refrag-train prepare --domain DOMAIN --out {folder}`")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     model = TrainingModel(cfg, base_checkpoint)
@@ -89,7 +98,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
         if previous is not None and not (run_dir / name / "last").exists():
             model.load_delta_weights(previous)
         if corpus is None and (name != "sft" or cfg.sft.replay_batch_size):
-            docs = read_jsonl(data_dir / "train.jsonl")
+            docs = [d for folder in [data_dir, *map(Path, cfg.data.extra_train)]
+                    for d in read_jsonl(folder / "train.jsonl")]
             corpus = TokenCorpus.cached([d["text"] for d in docs], model.tokenizer, run_dir / "train_tokens.npz")
             print(f"training corpus: {len(docs)} documents, {corpus.num_tokens} tokens")
         if name == "reconstruction":
@@ -195,11 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs "
                                        "(or a held-out second domain)")
     p.add_argument("--out", default="data/python-docs")
-    p.add_argument("--domain", choices=("python-docs", "gcide"), default="python-docs",
-                   help="gcide: English dictionary prose (apt-get install dict-gcide), evaluation only")
+    p.add_argument("--domain", choices=("python-docs", "linux-doc", "gcide"), default="python-docs",
+                   help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
+                        "extra training prose; gcide: English dictionary prose (apt-get install "
+                        "dict-gcide), evaluation only")
     p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
                                                   "or with --domain gcide the dictd folder")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--max-train-chars", type=int, default=None,
+                   help="keep about this many characters of training documents (a hash-ordered spread)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_prepare)
 

@@ -86,26 +86,36 @@ class PolicyNetConfig:
 class DataConfig:
     dir: str = "data/python-docs"
     heldout_fraction: float = 0.1
+    extra_train: list[str] = field(default_factory=list)
+    """More prepared folders whose ``train.jsonl`` joins the training corpus (windows are drawn
+    in proportion to tokens); evaluation and SFT's QA stay on ``dir``."""
 
 
 @dataclass
 class ReconstructionConfig:
-    """Also the base of CPT's config: both follow the curriculum."""
+    """Stage 1: the decoder reproduces n*k tokens from n chunk vectors, along the curriculum."""
 
     lr: float = 2e-4
     warmup: float = 0.04
     positions_per_batch: int = 1024
-    """Decoder positions per step.  Batch size = positions_per_batch // positions per sample:
-    ``n * (k + 1)`` in reconstruction, ``n + o + expanded`` in CPT (at least 1)."""
+    """Decoder positions per step.  Batch size = positions_per_batch // positions per sample
+    (``n * (k + 1)``, at least 1)."""
     train_encoder: bool = True
     """Train the encoder's LoRA (the paper trains the encoder); the projector always learns."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass
-class CPTConfig(ReconstructionConfig):
+class CPTConfig:
+    """Stage 2: the next o tokens after n*k compressed ones, along its own curriculum."""
+
     lr: float = 5e-5
+    warmup: float = 0.04
     positions_per_batch: int = 640
+    """Decoder positions per step: ``n + o + expanded`` per sample."""
+    train_encoder: bool = True
+    """Train the encoder's LoRA; the projector always learns."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     continuation_tokens: int = 64
     """o: tokens predicted after the compressed context."""
     train_decoder: bool = True
@@ -119,6 +129,11 @@ class CPTConfig(ReconstructionConfig):
     ``reconstruction_max_chunks`` chunks), so CPT keeps the chunks' content readable
     (ARC-Encoder mixes about 20%)."""
     reconstruction_max_chunks: int = 4
+    distill_weight: float = 0.0
+    """With a weight > 0, the next-paragraph samples are scored by ``distill_weight`` *
+    KL(base decoder reading the context as raw tokens || model reading it compressed) over
+    the continuation, instead of NLL: the teacher's whole next-token distributions, which
+    is the answer REFRAG promises (the uncompressed model's)."""
 
 
 @dataclass

@@ -4,12 +4,15 @@ The curriculum grows s = n*k as in reconstruction.  A share (``mixed_fraction``)
 the samples keep a random fraction p of their chunks as raw tokens, so the model
 learns mixed inputs (the paper's p = 0.1 stage before RL); another share
 (``reconstruction_fraction``) are reconstruction samples, so the chunk vectors'
-content stays readable while the decoder adapts.  The encoder LoRA, the
-projector and (with ``train_decoder``) the decoder's LoRA learn.
+content stays readable while the decoder adapts.  With ``distill_weight``, the
+next-paragraph samples learn the base decoder's next-token distributions after the
+same context as raw tokens (KL), instead of the corpus's one next token.  The encoder
+LoRA, the projector and (with ``train_decoder``) the decoder's LoRA learn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -32,23 +35,31 @@ def plan(model: TrainingModel):
 
 
 def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
-                          rng: random.Random) -> Sample:
+                          rng: random.Random, with_teacher: bool = False) -> Sample:
     """One CPT sample: ``num_chunks * k`` context tokens compressed (with probability
-    ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict."""
+    ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict.
+    ``with_teacher``: its ``teacher_prompt`` holds the same context as raw tokens."""
     c = model.cfg.cpt
     s = num_chunks * k
     window = corpus.window(s + c.continuation_tokens, rng)
     mixed = rng.random() < c.mixed_fraction
     expand = random_expansion(num_chunks, c.expand_fraction, rng) if mixed else []
-    return context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand,
-                          start=model.cfg.run.bos_first)
+    sample = context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand,
+                            start=model.cfg.run.bos_first)
+    if with_teacher:
+        raw = context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k,
+                             range(num_chunks), start=model.cfg.run.bos_first)
+        sample = dataclasses.replace(sample, teacher_prompt=raw.prompt)
+    return sample
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
+    """The step's samples; with ``distill_weight``, ``{"reconstruction": samples,
+    "paragraph": next-paragraph samples with their teacher prompts}``."""
     b = steps[step]
     c = model.cfg.cpt
     rng = step_rng(model.cfg.run.seed, NAME, step)
-    batch = []
+    batch, paragraphs = [], []
     for _ in range(b.batch_size):
         if c.reconstruction_fraction and rng.random() < c.reconstruction_fraction:
             n = min(b.num_chunks, c.reconstruction_max_chunks)
@@ -56,8 +67,10 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
                                                corpus.window(n * b.chunk_size, rng), b.chunk_size,
                                                start=model.cfg.run.bos_first))
         else:
-            batch.append(next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng))
-    return batch
+            sample = next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng,
+                                           with_teacher=bool(c.distill_weight))
+            (paragraphs if c.distill_weight else batch).append(sample)
+    return {"reconstruction": batch, "paragraph": paragraphs} if c.distill_weight else batch
 
 
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
@@ -66,9 +79,11 @@ def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_m
     groups = (["projector"] + ([DECODER_LORA] if c.train_decoder else [])
               + ([ENCODER_LORA] if c.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup, use_mlflow=use_mlflow)
+    teacher = model.frozen_copy(None) if c.distill_weight else None  # the base decoder
     return run_supervised(
         stage,
         lambda step: make_batch(model, corpus, steps, step),
         lambda step: {"curriculum_stage": steps[step].stage, "num_chunks": steps[step].num_chunks,
                       "k": steps[step].chunk_size},
+        teacher=teacher, distill=("paragraph", c.distill_weight) if c.distill_weight else None,
     )

@@ -63,6 +63,9 @@ DOCS_ROOT = "/usr/share/doc"
 DOCS_GLOB = "python3*/html/_sources"
 RST_SUFFIX = ".rst.txt"
 EXCLUDED_DIRS = ("whatsnew",)
+LINUX_DOC_SOURCES = "/usr/share/doc/linux-doc/html/_sources"
+"""Debian's ``linux-doc``: the kernel's documentation, reST prose (an extra training domain)."""
+LINUX_DOC_EXCLUDED_DIRS = ("translations",)
 EXCLUDED_NAMES = ("license", "copyright", "bugs")
 MAX_PASSAGE_CHARS = 1500
 MIN_PASSAGE_CHARS = 100
@@ -641,7 +644,7 @@ def _check_record(record: Any, required: tuple[str, ...]) -> str | None:
 
 
 def _iter_jsonl(path: str | Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    from refrag_vllm.corpora import iter_jsonl
+    from refrag_vllm.retrieval.corpora import iter_jsonl
 
     for lineno, record in iter_jsonl(path):
         problem = _check_record(record, required)
@@ -701,10 +704,10 @@ def doc_id_for(path: Path, source: Path) -> str:
     return rel[: -len(RST_SUFFIX)] if rel.endswith(RST_SUFFIX) else rel
 
 
-def is_excluded(doc_id: str) -> bool:
-    """Change logs and legal/boilerplate pages are not useful prose."""
+def is_excluded(doc_id: str, excluded_dirs: tuple[str, ...] = EXCLUDED_DIRS) -> bool:
+    """Change logs, translations and legal/boilerplate pages are not useful prose."""
     parts = doc_id.split("/")
-    return parts[0] in EXCLUDED_DIRS or parts[-1] in EXCLUDED_NAMES
+    return parts[0] in excluded_dirs or parts[-1] in EXCLUDED_NAMES
 
 
 def _split_stats(docs: list[Document], qa: list[QAExample]) -> dict[str, int]:
@@ -718,8 +721,14 @@ def prepare(
     seed: int = 0,
     min_chars: int = 2000,
     num_passages: int = 3,
+    excluded_dirs: tuple[str, ...] = EXCLUDED_DIRS,
+    max_train_chars: int | None = None,
 ) -> dict:
-    """Build train/held-out documents and QA sets from the Python docs; returns the manifest."""
+    """Build train/held-out documents and QA sets from a folder of Sphinx reST sources
+    (default: the Python docs); returns the manifest.
+
+    ``max_train_chars`` keeps the training split to about that many characters: documents
+    are taken in the order of their stable hash, a deterministic spread over the folder."""
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     src = find_python_docs() if source is None else Path(source)
@@ -732,9 +741,9 @@ def prepare(
     docs: dict[str, list[Document]] = {"train": [], "heldout": []}
     qa: dict[str, list[QAExample]] = {"train": [], "heldout": []}
     skipped = {"excluded": 0, "too_short": 0}
-    for path in tqdm(files, desc="python docs", unit="doc", mininterval=1.0):
+    for path in tqdm(files, desc=f"reST sources in {src.name}", unit="doc", mininterval=1.0):
         doc_id = doc_id_for(path, src)
-        if is_excluded(doc_id):
+        if is_excluded(doc_id, excluded_dirs):
             skipped["excluded"] += 1
             continue
         raw = path.read_text(encoding="utf-8", errors="replace")
@@ -747,6 +756,17 @@ def prepare(
         qa[split].extend(derive_qa(doc_id, raw, num_passages=num_passages, seed=seed))
     if not docs["train"] and not docs["heldout"]:
         raise ValueError(f"{src}: no documents left after filtering (min_chars={min_chars})")
+    if max_train_chars is not None:
+        kept, total = [], 0
+        for doc in sorted(docs["train"], key=lambda d: stable_hash(f"{seed}:take:{d.id}")):
+            if total >= max_train_chars:
+                break
+            kept.append(doc)
+            total += len(doc.text)
+        skipped["over_max_train_chars"] = len(docs["train"]) - len(kept)
+        kept_ids = {d.id for d in kept}
+        docs["train"] = [d for d in docs["train"] if d.id in kept_ids]
+        qa["train"] = [e for e in qa["train"] if e.doc_id in kept_ids]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files_out = {}
@@ -761,6 +781,8 @@ def prepare(
         "heldout_fraction": heldout_fraction,
         "min_chars": min_chars,
         "num_passages": num_passages,
+        "excluded_dirs": list(excluded_dirs),
+        "max_train_chars": max_train_chars,
         "files": files_out,
         "splits": {s: _split_stats(docs[s], qa[s]) for s in ("train", "heldout")},
         "skipped": skipped,

@@ -122,10 +122,12 @@ class TrainingModel:
                     params.append(p)
         return params
 
-    def frozen_copy(self, delta_dir: str | Path) -> "TrainingModel":
-        """Another model holding ``delta_dir``'s weights, nothing trainable (a distillation teacher)."""
+    def frozen_copy(self, delta_dir: str | Path | None) -> "TrainingModel":
+        """Another model holding ``delta_dir``'s weights (None: the untrained base), nothing
+        trainable (a distillation teacher)."""
         copy = TrainingModel(self.cfg, self.base_checkpoint)
-        copy.load_delta_weights(delta_dir)
+        if delta_dir is not None:
+            copy.load_delta_weights(delta_dir)
         copy.trainable([])
         copy.train(False)
         return copy

@@ -21,10 +21,12 @@ def plot_training(run_dir: str | Path, out_png: str | Path, stages=("reconstruct
         rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         key = "reward" if stage == "policy" else "loss"
         # A stage with several sample groups (SFT with replay) logs each group's loss: plot those.
-        keys = sorted(k for k in rows[0] if k.startswith("loss_")) or [key]
-        steps = [r["step"] for r in rows]
+        # A group can be empty at a step (CPT's reconstruction samples are drawn at random):
+        # each curve has the steps that logged it.
+        keys = sorted({k for r in rows for k in r if k.startswith("loss_")}) or [key]
         for k in keys:
-            values = [r[k] for r in rows]
+            steps = [r["step"] for r in rows if k in r]
+            values = [r[k] for r in rows if k in r]
             raw, = ax.plot(steps, values, lw=0.8, alpha=0.5)
             window = max(1, len(values) // 15)
             smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])

@@ -74,7 +74,7 @@ def answer_and_score(llm, builder, examples: list[dict], max_tokens: int = 48) -
 
 def run(checkpoint: str, data: str | Path, out: str | Path, *, num: int = 200, max_tokens: int = 48) -> dict:
     from refrag_vllm import RefragPromptBuilder
-    from refrag_vllm.cli import make_llm
+    from refrag_vllm.engine import make_llm
 
     path = Path(data)
     examples = read_jsonl(path / "qa_heldout.jsonl" if path.is_dir() else path,

@@ -27,6 +27,8 @@ Prompt = dict
 class Sample:
     prompt: Prompt
     num_targets: int
+    teacher_prompt: Prompt | None = None
+    """What a distillation teacher scores instead of ``prompt`` (the same targets last)."""
 
 
 class TokenCorpus:

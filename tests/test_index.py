@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from refrag_vllm.index import (CHUNKS, META, PASSAGES, CacheMismatchError, CorpusError, IndexWriter,
+from refrag_vllm.retrieval.index import (CHUNKS, META, PASSAGES, CacheMismatchError, CorpusError, IndexWriter,
                                PassageIndex, build_index, content_id, read_corpus)
 
 RETRIEVAL_TOP1_THRESHOLD = 0.8
@@ -26,7 +26,7 @@ def real_passages(n=120, stride=7):
     """Docstrings of the Python standard library (real prose, offline), 40-120 words each:
     every ``stride``-th one, so that many modules are represented, and none sharing a
     sentence with another (each question names one right passage)."""
-    from refrag_vllm.corpora import docstring_texts
+    from refrag_vllm.retrieval.corpora import docstring_texts
 
     out, seen, eligible = [], set(), 0
     for doc in docstring_texts(min_words=40):
@@ -59,7 +59,7 @@ def index(corpus, tiny_ckpt, tmp_path_factory):
 
 
 def test_retrieval_top1_on_real_text(index):
-    from refrag_vllm.index import Retriever
+    from refrag_vllm.retrieval.index import Retriever
 
     questions, expected = [], []
     for row, rec in enumerate(index.records):

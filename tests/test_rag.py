@@ -19,7 +19,7 @@ QUESTIONS = ["How do I read a file line by line?", "What does the decoder return
 def index(tiny_ckpt, tmp_path_factory):
     from test_index import real_passages
 
-    from refrag_vllm.index import build_index
+    from refrag_vllm.retrieval.index import build_index
 
     corpus = tmp_path_factory.mktemp("rag") / "docs.txt"
     corpus.write_text("\n".join(real_passages(40)) + "\n")
@@ -28,7 +28,7 @@ def index(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rag(index, tiny_ckpt):
-    from refrag_vllm.rag import RefragRAG
+    from refrag_vllm.retrieval.rag import RefragRAG
 
     llm = make_llm(tiny_ckpt)
     yield RefragRAG(index, llm)
@@ -69,8 +69,8 @@ def test_generate_in_each_mode(rag):
 def test_a_cache_for_another_checkpoint_is_refused(index, tmp_path):
     from tiny_models import make_tiny_checkpoint
 
-    from refrag_vllm.index import CacheMismatchError
-    from refrag_vllm.rag import RefragRAG
+    from refrag_vllm.retrieval.index import CacheMismatchError
+    from refrag_vllm.retrieval.rag import RefragRAG
 
     other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=3)
     with pytest.raises(CacheMismatchError):

@@ -33,13 +33,13 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(corpus, tiny_ckpt):
-    from refrag_vllm.index import build_index
+    from refrag_vllm.retrieval.index import build_index
 
     return build_index(corpus, corpus.parent / "single", tiny_ckpt, batch_size=16, progress=False)
 
 
 def test_ray_index_build_equals_the_single_process_build(ray_cluster, corpus, single, tiny_ckpt):
-    from refrag_vllm.ray_index import build_index_ray
+    from refrag_vllm.retrieval.ray_index import build_index_ray
 
     ray_index = build_index_ray(corpus, corpus.parent / "ray", tiny_ckpt, batch_size=16, num_workers=2,
                                 progress=False)
@@ -52,7 +52,7 @@ def test_ray_index_build_equals_the_single_process_build(ray_cluster, corpus, si
 
 
 def test_ray_batch_qa_answers_every_question_exactly_once(ray_cluster, single, tiny_ckpt, tmp_path):
-    from refrag_vllm.batch_qa import answer_file_ray
+    from refrag_vllm.retrieval.batch_qa import answer_file_ray
 
     questions = tmp_path / "q.jsonl"
     lines = [json.dumps({"id": f"q{i}", "question": f"What does passage {i} say about files and errors?"})

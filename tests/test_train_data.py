@@ -252,6 +252,26 @@ def test_prepare_writes_consistent_splits(tmp_path):
     assert (tmp_path / "out2" / "qa_train.jsonl").read_bytes() == (out / "qa_train.jsonl").read_bytes()
 
 
+def test_prepare_excluded_dirs_and_max_train_chars(tmp_path):
+    src = tmp_path / "src"
+    _write_source(src)
+    full = prepare(tmp_path / "full", source=src, heldout_fraction=0.3, min_chars=200,
+                   excluded_dirs=("whatsnew", "tutorial"))
+    ids = {d.id for s in ("train", "heldout") for d in load_documents(tmp_path / "full" / f"{s}.jsonl")}
+    assert ids and not any(i.startswith("tutorial/") for i in ids)
+    assert full["excluded_dirs"] == ["whatsnew", "tutorial"]
+    budget = full["splits"]["train"]["chars"] // 2
+    half = prepare(tmp_path / "half", source=src, heldout_fraction=0.3, min_chars=200,
+                   excluded_dirs=("whatsnew", "tutorial"), max_train_chars=budget)
+    train = load_documents(tmp_path / "half" / "train.jsonl")
+    # Whole documents until the budget is reached: at least the budget, less than one more document.
+    longest = max(len(d.text) for d in load_documents(tmp_path / "full" / "train.jsonl"))
+    assert budget <= sum(len(d.text) for d in train) < budget + longest
+    assert half["splits"]["heldout"] == full["splits"]["heldout"]  # the held-out split is untouched
+    assert {e.doc_id for e in load_qa(tmp_path / "half" / "qa_train.jsonl")} <= {d.id for d in train}
+    assert half["skipped"]["over_max_train_chars"] == full["splits"]["train"]["docs"] - len(train)
+
+
 def test_prepare_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="heldout_fraction"):
         prepare(tmp_path / "out", source=tmp_path, heldout_fraction=1.0)

@@ -1,10 +1,13 @@
 """The training package on tiny random models: curriculum, policy maths, every stage, resume, export."""
 
+import copy
 import json
 import math
 import random
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import PASSAGES
@@ -323,6 +326,50 @@ def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, ba
         assert distill_loss(model, model.frozen_copy(start), replay).item() > 0
 
 
+def test_cpt_distills_the_base_decoder_reading_the_context_raw(tiny_cfg, base_ckpt, tmp_path):
+    """distill_weight: each next-paragraph sample's teacher reads the same context as raw
+    tokens and predicts the same targets; the stage learns the KL, which goes down."""
+    import dataclasses
+
+    from refrag_train import cpt
+    from refrag_train.trainer import distill_loss
+
+    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, distill_weight=1.0,
+                                                                  reconstruction_fraction=0.5))
+    model = _model(cfg, base_ckpt)
+    corpus = _corpus(model)
+    steps = cpt.plan(model)
+    batches = [cpt.make_batch(model, corpus, steps, step) for step in range(len(steps))]
+    assert all(sorted(b) == ["paragraph", "reconstruction"] for b in batches)
+    assert any(b["reconstruction"] for b in batches) and any(b["paragraph"] for b in batches)
+    paragraphs = [s for b in batches for s in b["paragraph"]]
+    for sample in paragraphs:
+        raw, n = sample.teacher_prompt, sample.num_targets
+        assert not raw.get("multi_modal_data", {}).get("refrag_chunk")  # no compressed chunk left
+        assert raw["prompt_token_ids"][-n:] == sample.prompt["prompt_token_ids"][-n:]
+        assert len(raw["prompt_token_ids"]) > len(sample.prompt["prompt_token_ids"])
+    assert all(s.teacher_prompt is None for b in batches for s in b["reconstruction"])
+    fixed = paragraphs[:4]
+    teacher = model.frozen_copy(None)
+    with torch.no_grad():
+        before = distill_loss(model, teacher, fixed).item()
+    cpt.train_cpt(model, corpus, tmp_path)
+    with torch.no_grad():
+        after = distill_loss(model, teacher, fixed).item()
+    assert after < before, (before, after)
+    log = [json.loads(line) for line in (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_paragraph_kl" in r for r in log)
+    assert all(math.isclose(r["loss"], r.get("loss_reconstruction", 0.0) + r.get("loss_paragraph_kl", 0.0),
+                            rel_tol=1e-5) for r in log)
+    # Without reconstruction samples every step is distillation alone.
+    only = dataclasses.replace(cfg, cpt=dataclasses.replace(cfg.cpt, reconstruction_fraction=0.0))
+    model = _model(only, base_ckpt)
+    assert not any(cpt.make_batch(model, corpus, steps, step)["reconstruction"] for step in range(len(steps)))
+    cpt.train_cpt(model, corpus, tmp_path / "only")
+    log = [json.loads(line) for line in (tmp_path / "only" / "cpt" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(r["loss_paragraph_kl"]) for r in log)
+
+
 def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, base_ckpt, tmp_path):
     from refrag_train import policy_rl
 
@@ -359,7 +406,7 @@ def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, bas
     assert loss_now().item() < first.item()
 
 
-def test_resume_continues_from_the_saved_step(tiny_cfg, base_ckpt, tmp_path, capsys):
+def test_resume_continues_from_the_saved_step(tiny_cfg, base_ckpt, tmp_path, capsys, monkeypatch):
     from refrag_train import reconstruction
 
     straight = _model(tiny_cfg, base_ckpt)
@@ -374,12 +421,10 @@ def test_resume_continues_from_the_saved_step(tiny_cfg, base_ckpt, tmp_path, cap
             raise KeyboardInterrupt
         return real(m, c, steps, step)
 
-    reconstruction.make_batch = interrupted
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(reconstruction, "make_batch", interrupted)
         with pytest.raises(KeyboardInterrupt):
             reconstruction.train_reconstruction(model, corpus, tmp_path / "b")
-    finally:
-        reconstruction.make_batch = real
     state = json.loads((tmp_path / "b" / "reconstruction" / "last" / "state.json").read_text())
     assert state["step"] == 4  # save_every = 2
     assert state["elapsed_s"] > 0
@@ -413,14 +458,33 @@ def trained(tiny_cfg, base_ckpt, tmp_path_factory):
     from refrag_train.model import export_checkpoint
 
     root = tmp_path_factory.mktemp("recipe")
-    data = root / "data"
-    write_jsonl(data / "train.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(_corpus_texts())])
+    data, extra = root / "data", root / "extra"
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(_corpus_texts())]
+    write_jsonl(data / "train.jsonl", docs[::2])
+    write_jsonl(extra / "train.jsonl", docs[1::2])  # a second domain's folder (data.extra_train)
     write_jsonl(data / "qa_train.jsonl", _qa_examples())
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.data.extra_train = [str(extra)]
     run = root / "run"
-    final = train_stages(tiny_cfg, run, data, STAGES, base_checkpoint=base_ckpt)
+    final = train_stages(cfg, run, data, STAGES, base_checkpoint=base_ckpt)
     delta = copy_delta(final, run / "delta")
-    ckpt = export_checkpoint(tiny_cfg, delta, root / "ckpt", base_checkpoint=base_ckpt)
+    ckpt = export_checkpoint(cfg, delta, root / "ckpt", base_checkpoint=base_ckpt)
     return ckpt, delta
+
+
+def test_training_corpus_holds_every_data_folder(trained):
+    with np.load(trained[1].parent / "train_tokens.npz", allow_pickle=False) as z:
+        assert int(z["num_docs"]) == len(_corpus_texts())
+
+
+def test_missing_extra_data_folder_says_how_to_prepare_it(tiny_cfg, tmp_path):
+    from refrag_train.cli import train_stages
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.data.extra_train = [str(tmp_path / "linux-doc")]
+    with pytest.raises(SystemExit, match="refrag-train prepare --domain DOMAIN --out"):
+        train_stages(cfg, tmp_path / "run", tmp_path, ["reconstruction"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_export_writes_a_checkpoint_with_trained_heads(trained):
@@ -508,11 +572,18 @@ def test_shipped_delta_is_small_and_complete():
         assert (SHIPPED_DELTA / name).exists()
     # A shipped file names no machine's path.
     assert json.loads((SHIPPED_DELTA / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    absolute = re.compile(rb"(?<![\w.:/])/(?:work|root|home|tmp|usr|opt|mnt|Users|var)/")
+    for path in SHIPPED_DELTA.parent.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".safetensors":  # its JSON header is the only text in it
+                data = data[8 : 8 + int.from_bytes(data[:8], "little")]
+            assert not absolute.search(data), f"{path} holds an absolute path: {absolute.search(data)}"
 
 
 def test_default_checkpoint_rebuilt_when_shipped_weights_change(tmp_path):
     """A checkpoint built from the shipped delta is stale once that delta changes; others are left alone."""
-    from refrag_vllm.cli import BUILT_FROM, stale_default_checkpoint
+    from refrag_vllm.engine import BUILT_FROM, stale_default_checkpoint
     from refrag_vllm.delta import SHIPPED_DELTA, delta_fingerprint
 
     if not (SHIPPED_DELTA / "refrag_delta.json").exists():
@@ -580,4 +651,16 @@ def test_training_curves_plot(trained, tmp_path):
 
     ckpt, _ = trained
     png = plot_training(ckpt.parent / "run", tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_plot_a_group_missing_at_some_steps(tmp_path):
+    """CPT with distillation logs its reconstruction group only at steps that drew one."""
+    from refrag_train.plots import plot_training
+
+    rows = [{"step": 1, "loss": 3.0, "loss_paragraph_kl": 0.5},
+            {"step": 2, "loss": 5.0, "loss_reconstruction": 4.0, "loss_paragraph_kl": 1.0}]
+    (tmp_path / "run" / "cpt").mkdir(parents=True)
+    (tmp_path / "run" / "cpt" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_training(tmp_path / "run", tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,3 +60,24 @@ def docstring_texts(min_words: int = 20) -> Iterator[str]:
                     if len(doc.split()) >= min_words and doc not in seen:
                         seen.add(doc)
                         yield doc
+
+
+def sample_passages(n: int, tokens: int, tokenizer) -> list[str]:
+    """Real English prose available offline: docstrings of Python's standard library."""
+    import importlib
+
+    texts = []
+    for name in ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools",
+                 "heapq", "http.client", "inspect", "json", "logging", "pathlib", "pickle", "re", "shutil",
+                 "socket", "sqlite3", "string", "subprocess", "textwrap", "threading", "typing", "unittest",
+                 "urllib.request", "uuid", "zipfile"):
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc.split()) > 60:
+                ids = tokenizer(" ".join(doc.split()), add_special_tokens=False)["input_ids"]
+                if len(ids) >= tokens:
+                    texts.append(tokenizer.decode(ids[:tokens]))
+            if len(texts) >= n:
+                return texts
+    return texts

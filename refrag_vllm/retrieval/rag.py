@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chunks import CompressedChunks
+from ..chunks import CompressedChunks
 from .index import Hit, PassageIndex, Retriever
-from .prompt import RefragPromptBuilder
+from ..prompt import RefragPromptBuilder
 
 MODES = ("refrag", "refrag-nocache", "vanilla")
 

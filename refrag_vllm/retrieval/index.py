@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ENCODER_TOKENIZER_DIR, load_refrag_config
+from ..config import ENCODER_TOKENIZER_DIR, load_refrag_config
 from .corpora import CorpusError, iter_jsonl
 
 FORMAT = 1
@@ -98,7 +98,7 @@ def read_corpus(path: str | Path) -> list[PassageRecord]:
 def cache_identity(model_dir: str | Path) -> dict:
     """What decides a checkpoint's chunk vectors: k, the projected width and a digest of
     the refrag config, the encoder and projector weights and both tokenizers."""
-    from .checkpoint import load_tensors
+    from ..checkpoint import load_tensors
 
     model_dir = Path(model_dir)
     raw, cfg = load_refrag_config(model_dir)
@@ -133,7 +133,7 @@ class Retriever:
     def __init__(self, model: str | Path | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from .default_models import minilm_dir
+        from ..default_models import minilm_dir
 
         self.name = str(model or minilm_dir())
         self.model = SentenceTransformer(self.name, device="cpu")
@@ -154,10 +154,10 @@ class CacheProjector:
     """
 
     def __init__(self, model_dir: str | Path) -> None:
-        from .checkpoint import load_tensors
-        from .encoder import load_chunk_encoder
-        from .projector import ChunkProjector
-        from .prompt import RefragPromptBuilder
+        from ..checkpoint import load_tensors
+        from ..encoder import load_chunk_encoder
+        from ..projector import ChunkProjector
+        from ..prompt import RefragPromptBuilder
 
         _, cfg = load_refrag_config(model_dir)
         self.builder = RefragPromptBuilder.from_pretrained(model_dir)
@@ -170,14 +170,14 @@ class CacheProjector:
         self.max_tokens = cfg.encoder_max_tokens
 
     def chunk_texts(self, passage: str) -> list[str]:
-        from .prompt import chunk_text
+        from ..prompt import chunk_text
 
         return [chunk_text(self.builder.tokenizer, c) for c in self.builder.chunk_passage(passage)]
 
     @torch.no_grad()
     def project(self, passages: Sequence[str]) -> list[np.ndarray]:
         """Per passage, ``(num_chunks, hidden)`` float32 projected vectors."""
-        from .encoder import tokenize_chunks
+        from ..encoder import tokenize_chunks
 
         texts = [self.chunk_texts(p) for p in passages]
         flat = [t for ts in texts for t in ts]

@@ -1,10 +1,10 @@
 """``refrag-vllm index --ray``: the embeddings and the REFRAG cache computed by Ray Data
 workers over shards of the corpus, merged by the driver into the same on-disk index.
 
-The workers run the same :class:`~refrag_vllm.index.Retriever` and
-:class:`~refrag_vllm.index.CacheProjector` as the single-process build; the driver
+The workers run the same :class:`~refrag_vllm.retrieval.index.Retriever` and
+:class:`~refrag_vllm.retrieval.index.CacheProjector` as the single-process build; the driver
 receives their batches in corpus order and commits them with the same
-:class:`~refrag_vllm.index.IndexWriter`, so both builds give the same ids in the same
+:class:`~refrag_vllm.retrieval.index.IndexWriter`, so both builds give the same ids in the same
 order and the same vectors (to floating-point tolerance: batches differ).
 
 Cluster: ``address=None`` uses ``RAY_ADDRESS`` if set, else starts a local Ray on this
@@ -60,11 +60,11 @@ def init_ray(address: str | None = None, env_vars: dict | None = None) -> None:
 def build_index_ray(corpus: str | Path, out: str | Path, model_dir: str | Path, *, retriever: str | None = None,
                     batch_size: int = 64, num_workers: int = 2, address: str | None = None,
                     progress: bool = True) -> PassageIndex:
-    """Like :func:`~refrag_vllm.index.build_index`, with the embedding done by Ray Data."""
+    """Like :func:`~refrag_vllm.retrieval.index.build_index`, with the embedding done by Ray Data."""
     import ray
     from tqdm import tqdm
 
-    from .default_models import minilm_dir
+    from ..default_models import minilm_dir
 
     records = read_corpus(corpus)
     identity = cache_identity(model_dir)
