@@ -13,7 +13,6 @@ weights stay in ``run.dtype`` (bf16 by default).
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from pathlib import Path
 

@@ -181,6 +181,8 @@ def nll_loss(model: TrainingModel, samples) -> torch.Tensor:
 def group_nll_losses(model: TrainingModel, groups) -> list[torch.Tensor]:
     """Each group's mean target NLL, ``[()]``, from one forward pass over all groups' samples."""
     samples = [s for g in groups for s in g]
+    if not samples:
+        return []
     logprobs = iter(model.refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples]))
     return [-torch.cat([next(logprobs) for _ in g]).mean() for g in groups]
 
@@ -192,7 +194,8 @@ def distill_loss(model: TrainingModel, teacher: TrainingModel, samples) -> torch
     prompts, num = [s.prompt for s in samples], [s.num_targets for s in samples]
     teacher_prompts = [s.teacher_prompt or s.prompt for s in samples]
     with torch.no_grad():
-        teacher_lp = torch.log_softmax(torch.cat(teacher.refrag.target_logits(teacher_prompts, num)), -1)  # (T, vocab)
+        teacher_logits = torch.cat(teacher.refrag.target_logits(teacher_prompts, num))  # (T, vocab)
+        teacher_lp = torch.log_softmax(teacher_logits, -1)
     student_lp = torch.log_softmax(torch.cat(model.refrag.target_logits(prompts, num)), -1)
     return torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="batchmean")
 
@@ -215,7 +218,7 @@ def run_supervised(stage: Stage, make_batch, describe=lambda step: {}, *, teache
             groups = batch if isinstance(batch, dict) else {"": batch}
             lr = stage.set_lr()
             nll_groups = {k: v for k, v in groups.items() if v and (distill is None or k != distill[0])}
-            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values())))) if nll_groups else {}
+            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values()))))
             if distill is not None and groups.get(distill[0]):
                 name, weight = distill
                 losses[f"{name}_kl"] = weight * distill_loss(model, teacher, groups[name])

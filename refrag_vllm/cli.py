@@ -8,16 +8,17 @@ import sys
 from pathlib import Path
 
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
+from .middleware import RequestSizeLimit
 
-SIZE_LIMIT_MIDDLEWARE = "refrag_vllm.middleware.RequestSizeLimit"
+SIZE_LIMIT_MIDDLEWARE = f"{RequestSizeLimit.__module__}.{RequestSizeLimit.__qualname__}"
 """``refrag-vllm serve`` refuses oversized bodies before vLLM parses them (:mod:`.middleware`)."""
+
 
 def cmd_positions(args) -> None:
     from .prompt import RefragPromptBuilder
-
-    builder = RefragPromptBuilder.from_pretrained(args.model)
     from .retrieval.corpora import sample_passages
 
+    builder = RefragPromptBuilder.from_pretrained(args.model)
     passages = sample_passages(args.passages, args.tokens, builder.tokenizer)
     question = "Which module handles command-line options?"
     compressed = builder.build(question, passages)

@@ -111,9 +111,9 @@ size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) 
 
 
 def make_llm(model: str | Path):
-    """An offline engine for this package's tools and examples (a fixed KV cache: :data:`KV_CACHE_BYTES`).  Precomputed
-    chunk vectors (the policy's, the index's) come from this process itself, so they are
-    enabled (``enable_mm_embeds``)."""
+    """An offline engine for this package's tools and examples (a fixed KV cache:
+    :data:`KV_CACHE_BYTES`).  Precomputed chunk vectors (the policy's, the index's) come
+    from this process itself, so they are enabled (``enable_mm_embeds``)."""
     from vllm import LLM
 
     return LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",

@@ -1,9 +1,8 @@
 """A request-body size limit for ``vllm serve``, refused before any JSON is parsed.
 
-vLLM's OpenAI server parses a request's whole JSON body before anything else sees it. A
-50 MB body costs the server's event loop about half a second of parsing, and every request
-beside it waits for that. This ASGI middleware answers an oversized body with HTTP 413
-first, without decoding it:
+vLLM's OpenAI server parses a request's whole JSON body, on its event loop, before anything
+else sees it, and every request beside it waits for that. This ASGI middleware answers an
+oversized body with HTTP 413 first, without decoding it:
 
     vllm serve CKPT --middleware refrag_vllm.middleware.RequestSizeLimit ...
 

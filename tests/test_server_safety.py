@@ -170,7 +170,8 @@ while True:
 def test_oversized_body_is_refused_fast_and_others_are_unaffected(client, server_url, tmp_path):
     """A 50 MB chat body, sent by another client process, gets a 413 within 2 s, before vLLM
     parses it; a good request running beside it takes less than 1.5x as long as alone (medians
-    of seven, interleaved; 50 MB of localhost traffic still costs the 2-core machine a few milliseconds)."""
+    of seven, interleaved). Printed beside it: the same body sent to a process that only drops
+    it, the floor any server reading the body pays on this machine."""
     import json
 
     assert "--middleware" in readme_serve_flags()
