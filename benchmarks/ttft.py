@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .options import add_profile_flags, profile_from_args, run_log
+
 MODES = ("vanilla", "refrag", "refrag-cached", "refrag-policy")
 
 
@@ -444,21 +446,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
     p.add_argument("--model", required=True, help="a REFRAG checkpoint folder")
     p.add_argument("--out", required=True, help="folder for results.json / results.md / plots")
     p.add_argument("--quick", action="store_true", help="tiny sweep for CI: checks the harness, not timings")
-    ints = lambda s: [int(x) for x in s.split(",") if x != ""]
-    for f in dataclasses.fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.type == "list[int]":
-            p.add_argument(flag, type=ints, default=None)
-        else:
-            p.add_argument(flag, type={"float": float, "str": str}.get(f.type, int), default=None)
+    add_profile_flags(p, BenchConfig)
     args = p.parse_args(argv)
-    cfg = dataclasses.replace(PROFILES["quick" if args.quick else "default"])
-    for f in dataclasses.fields(BenchConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = profile_from_args(args, PROFILES["quick" if args.quick else "default"])
     return args, cfg
 
 
@@ -469,13 +459,7 @@ def main(argv=None) -> dict:
     args, cfg = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "w")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
+    log = run_log(out)
     started = time.perf_counter()
     factory = RequestFactory(args.model, cfg.passage_tokens)
     longest = vanilla_max_length(factory, cfg)

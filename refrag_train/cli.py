@@ -1,9 +1,9 @@
-"""``refrag-train``: prepare data, run the four stages, export, evaluate.
+"""``refrag-train``: prepare data, run the stages, export, evaluate.
 
     refrag-train prepare --out data/python-docs
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
     refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
-    refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,cpt,policy,sft] [--mlflow]
+    refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
     refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
     refrag-train recipe  --config cpu --run-dir runs/cpu [--ship]    # all of the above
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from refrag_vllm.delta import copy_delta
 
-STAGES = ("reconstruction", "cpt", "policy", "sft")
+STAGES = ("reconstruction", "reading", "cpt", "policy", "sft")
 
 
 def _config(args):
@@ -68,6 +68,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     from .data import read_jsonl
     from .model import TrainingModel
     from .policy_rl import train_policy
+    from .reading import train_reading
     from .reconstruction import train_reconstruction
     from .samples import TokenCorpus
     from .sft import train_sft
@@ -91,6 +92,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             if (final_dir / "refrag_delta.json").exists():
                 previous = final_dir
             continue
+        if name == "reading" and cfg.reading.steps == 0:
+            continue
         if (final_dir / "refrag_delta.json").exists():
             print(f"[{name}] already finished: {final_dir}")
             previous = final = final_dir
@@ -104,6 +107,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             print(f"training corpus: {len(docs)} documents, {corpus.num_tokens} tokens")
         if name == "reconstruction":
             final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
+        elif name == "reading":
+            final = train_reading(model, corpus, run_dir, use_mlflow=use_mlflow)
         elif name == "cpt":
             final = train_cpt(model, corpus, run_dir, use_mlflow=use_mlflow)
         elif name == "policy":

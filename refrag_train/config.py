@@ -1,6 +1,6 @@
 """Training configuration: dataclasses, loaded from TOML files in ``configs/``.
 
-One file describes a whole run (all four stages and the evaluation).  Unknown
+One file describes a whole run (every stage and the evaluation).  Unknown
 keys are errors, so a typo never silently falls back to a default.
 """
 
@@ -106,6 +106,21 @@ class ReconstructionConfig:
 
 
 @dataclass
+class ReadingConfig:
+    """Stage 1b: 1 x k reconstruction again, the decoder's LoRA learning to read the vectors."""
+
+    steps: int = 0
+    """0 skips the stage (the paper's recipe: the decoder first learns in CPT)."""
+    lr: float = 1e-3
+    warmup: float = 0.04
+    batch_size: int = 32
+    num_chunks: int = 1
+    """Chunks per sample (of ``run.default_chunk_size`` tokens each)."""
+    train_encoder: bool = True
+    """Train the encoder's LoRA too; the projector and the decoder's LoRA always learn."""
+
+
+@dataclass
 class CPTConfig:
     """Stage 2: the next o tokens after n*k compressed ones, along its own curriculum."""
 
@@ -194,6 +209,7 @@ class TrainConfig:
     policy: PolicyNetConfig = field(default_factory=PolicyNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    reading: ReadingConfig = field(default_factory=ReadingConfig)
     cpt: CPTConfig = field(default_factory=CPTConfig)
     policy_rl: PolicyRLConfig = field(default_factory=PolicyRLConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

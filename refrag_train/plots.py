@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-def plot_training(run_dir: str | Path, out_png: str | Path, stages=("reconstruction", "cpt", "policy", "sft")) -> Path:
+def plot_training(run_dir: str | Path, out_png: str | Path, stages=("reconstruction", "reading", "cpt", "policy", "sft")) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

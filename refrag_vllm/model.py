@@ -5,7 +5,9 @@ processor expands the one placeholder token each item has in the prompt into
 ``num_chunks`` placeholder positions; ``embed_multimodal`` turns each item into
 ``(num_chunks, hidden)`` decoder inputs (encoder + projector, projector only, or
 nothing for precomputed projected vectors), and vLLM merges them into
-``inputs_embeds`` for the normal paged-attention prefill.
+``inputs_embeds`` for the normal paged-attention prefill.  Text chunks go through the
+engine's content-keyed chunk-vector cache (:mod:`refrag_vllm.chunk_cache`): a chunk seen
+before skips the encoder and the projector.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -42,7 +45,9 @@ from vllm.multimodal.processing import (
     TimingContext,
 )
 from vllm.sequence import IntermediateTensors
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
+from .chunk_cache import ChunkVectorCache, cached_projection
 from .chunks import CompressedChunks, validate_item
 from .config import ENCODER_TOKENIZER_DIR, MODALITY, RefragConfig, refrag_config_from_hf
 from .encoder import ChunkEncoder, tokenize_chunks
@@ -53,6 +58,44 @@ from .prompt import EMBEDS_DISABLED
 TEXT_KEYS = ("chunk_input_ids", "chunk_attention_mask")
 ENCODER_KEY = "chunk_encoder_embeds"
 PROJECTED_KEY = "chunk_projected_embeds"
+
+
+class RefragChunkTextInputs(TensorSchema):
+    """Chunk texts, as the encoder's tokens. Dimensions:
+    - bn: items in the call
+    - nc: chunks of an item (varies by item)
+    - l: encoder tokens of an item's longest chunk (varies by item)
+    """
+
+    type: Literal["chunk_text"] = "chunk_text"
+    input_ids: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "l", dynamic_dims={"nc", "l"})]
+    attention_mask: Annotated[torch.Tensor | list[torch.Tensor],
+                              TensorShape("bn", "nc", "l", dynamic_dims={"nc", "l"})]
+
+
+class RefragChunkEncoderInputs(TensorSchema):
+    """Client-sent encoder vectors. Dimensions:
+    - bn: items in the call
+    - nc: chunks of an item (varies by item)
+    - he: the encoder's hidden size
+    """
+
+    type: Literal["encoder_embeds"] = "encoder_embeds"
+    data: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "he", dynamic_dims={"nc"})]
+
+
+class RefragChunkProjectedInputs(TensorSchema):
+    """Client-sent projected vectors, the decoder's inputs as they are. Dimensions:
+    - bn: items in the call
+    - nc: chunks of an item (varies by item)
+    - hs: the decoder's hidden size
+    """
+
+    type: Literal["projected_embeds"] = "projected_embeds"
+    data: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "hs", dynamic_dims={"nc"})]
+
+
+RefragChunkInputs: TypeAlias = RefragChunkTextInputs | RefragChunkEncoderInputs | RefragChunkProjectedInputs
 
 
 class CompressedChunkItems(ProcessorBatchItems[CompressedChunks]):
@@ -234,6 +277,7 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         with self._mark_tower_model(vllm_config, MODALITY):
             self.chunk_encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
             self.projector = ChunkProjector(cfg.projector)
+        self.chunk_cache = ChunkVectorCache.from_env()
         with self._mark_language_model(vllm_config):
             self.language_model = LlamaForCausalLM(
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
@@ -246,24 +290,39 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         dtype = self.projector.fc1.weight.dtype
         return self.projector(encoder_embeds.to(dtype))
 
+    def _parse_and_validate_chunk_input(self, **kwargs: object) -> RefragChunkInputs | None:
+        """The call's items as one of the three schemas (one kind per call), shapes checked."""
+        if TEXT_KEYS[0] in kwargs:
+            return RefragChunkTextInputs(input_ids=kwargs[TEXT_KEYS[0]], attention_mask=kwargs[TEXT_KEYS[1]])
+        if ENCODER_KEY in kwargs:
+            return RefragChunkEncoderInputs(data=kwargs[ENCODER_KEY],
+                                            resolve_bindings={"he": self.refrag_config.encoder_hidden_size})
+        if PROJECTED_KEY in kwargs:
+            return RefragChunkProjectedInputs(data=kwargs[PROJECTED_KEY],
+                                              resolve_bindings={"hs": self.config.hidden_size})
+        return None
+
+    def _process_chunk_input(self, chunk_input: RefragChunkInputs) -> list[torch.Tensor]:
+        """Items -> list of ``(num_chunks_i, hidden)`` decoder inputs, in item order."""
+        out_dtype = self.language_model.model.embed_tokens.weight.dtype
+        if chunk_input["type"] == "projected_embeds":
+            return [e.to(out_dtype) for e in _per_item(chunk_input["data"])]
+        if chunk_input["type"] == "encoder_embeds":
+            return [self._project(e).to(out_dtype) for e in _per_item(chunk_input["data"])]
+        ids, masks = _per_item(chunk_input["input_ids"]), _per_item(chunk_input["attention_mask"])
+        sizes = [t.shape[0] for t in ids]
+        width = max(t.shape[1] for t in ids)
+        # One encoder call for the whole group: pad every item to the same width.
+        flat_ids = torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in ids])
+        flat_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+        projected = cached_projection(  # (sum n_i, hidden)
+            self.chunk_cache, flat_ids, flat_mask, lambda i, m: self._project(self.chunk_encoder(i, m)))
+        return [e.to(out_dtype) for e in projected.split(sizes)]
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """Items -> list of ``(num_chunks_i, hidden)`` tensors, in item order."""
-        out_dtype = self.language_model.model.embed_tokens.weight.dtype
-        if TEXT_KEYS[0] in kwargs:
-            ids = _per_item(kwargs[TEXT_KEYS[0]])
-            masks = _per_item(kwargs[TEXT_KEYS[1]])
-            sizes = [t.shape[0] for t in ids]
-            width = max(t.shape[1] for t in ids)
-            # One encoder call for the whole group: pad every item to the same width.
-            flat_ids = torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in ids])
-            flat_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-            encoded = self.chunk_encoder(flat_ids, flat_mask)  # (sum n_i, H_enc)
-            return [e.to(out_dtype) for e in self._project(encoded).split(sizes)]
-        if ENCODER_KEY in kwargs:
-            return [self._project(e).to(out_dtype) for e in _per_item(kwargs[ENCODER_KEY])]
-        if PROJECTED_KEY in kwargs:
-            return [e.to(out_dtype) for e in _per_item(kwargs[PROJECTED_KEY])]
-        return []
+        chunk_input = self._parse_and_validate_chunk_input(**kwargs)
+        return [] if chunk_input is None else self._process_chunk_input(chunk_input)
 
     # ----------------------------------------------------------- decoder
     def forward(

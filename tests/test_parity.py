@@ -1,17 +1,31 @@
 """vLLM RefragLlamaForCausalLM == PyTorch reference, greedy tokens and logprobs.
 
-One engine for the module (prefix caching on, the vLLM default)."""
+One engine for the module (prefix caching on, the vLLM default; the chunk-vector cache on,
+its stats in a file)."""
+
+import json
+import os
 
 import pytest
 import torch
 
 from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks, Passage
+from refrag_vllm.chunk_cache import STATS_FILE_ENV
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_ckpt):
-    llm = make_llm(tiny_ckpt, enable_prefix_caching=True)
+def cache_stats_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("chunk-cache") / "stats.json"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt, cache_stats_file):
+    os.environ[STATS_FILE_ENV] = str(cache_stats_file)  # the engine process inherits it
+    try:
+        llm = make_llm(tiny_ckpt, enable_prefix_caching=True)
+    finally:
+        del os.environ[STATS_FILE_ENV]
     yield llm
     shutdown_llm(llm)
 
@@ -143,3 +157,48 @@ def test_qa_generation_answers_every_condition(llm, builder):
     assert all(isinstance(rec[c], str) for rec in records for c in CONDITIONS)
     assert content_recall("The capital is Paris, in France", "Paris is the capital of France.") == 1.0
     assert content_recall("Berlin", "Paris is the capital of France.") == 0.0
+
+
+def _cache_stats(path):
+    return json.loads(path.read_text())
+
+
+def _forget_items(llm):
+    """Drop vLLM's own reuse of whole items (prefix cache, encoder cache), so that the next
+    request runs ``embed_multimodal`` again and only the chunk-vector cache can remember."""
+    assert llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
+def test_chunk_cache_hit_equals_miss(llm, builder, reference, cache_stats_file):
+    passages = ["Chunk cache parity: " + p for p in PASSAGES]
+    prompt = builder.build(QUESTION, passages)
+    n_chunks = sum(len(builder.chunk_passage(p)) for p in passages)
+    before = _cache_stats(cache_stats_file) if cache_stats_file.exists() else {"hits": 0, "misses": 0}
+    miss = greedy(llm, [prompt])[0]
+    after_miss = _cache_stats(cache_stats_file)
+    missed = after_miss["misses"] - before["misses"]
+    assert missed > 0 and missed + after_miss["hits"] - before["hits"] == n_chunks
+    _forget_items(llm)
+    hit = greedy(llm, [prompt])[0]
+    after_hit = _cache_stats(cache_stats_file)
+    assert hit[2].num_cached_tokens == 0
+    assert after_hit["hits"] - after_miss["hits"] == n_chunks
+    assert after_hit["misses"] == after_miss["misses"]
+    assert hit[0] == miss[0] and hit[1] == miss[1]  # the same vectors: identical logprobs
+    assert_matches_reference(reference, prompt, hit)
+
+
+def test_chunk_cache_mixes_hits_and_misses_across_items(llm, builder, reference, cache_stats_file):
+    """Chunks seen in other items, at other positions, hit; new chunks miss, in one batch."""
+    seen = "Seen before in another request. " + PASSAGES[0]
+    greedy(llm, [builder.build("First question?", [seen])])
+    _forget_items(llm)
+    before = _cache_stats(cache_stats_file)
+    new = "Never seen before: " + PASSAGES[2]
+    prompt = builder.build(QUESTION, [new, PASSAGES[1] + " A fresh tail.", seen], expand=[[], [0], []])
+    result = greedy(llm, [prompt])[0]
+    after = _cache_stats(cache_stats_file)
+    assert after["hits"] - before["hits"] >= len(builder.chunk_passage(seen))
+    assert after["misses"] > before["misses"]
+    assert_matches_reference(reference, prompt, result)

@@ -228,15 +228,21 @@ def test_cpt_mixes_in_reconstruction_samples(tiny_cfg, base_ckpt):
             assert sample.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == n
 
 
-@pytest.mark.parametrize("stage", ["reconstruction", "cpt", "sft"])
+@pytest.mark.parametrize("stage", ["reconstruction", "reading", "cpt", "sft"])
 def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ckpt, tmp_path):
-    from refrag_train import cpt, reconstruction, sft
+    from refrag_train import cpt, reading, reconstruction, sft
 
     model = _model(tiny_cfg, base_ckpt)
     corpus = _corpus(model)
     if stage == "reconstruction":
         fixed = reconstruction.make_batch(model, corpus, reconstruction.plan(model), 0)
         train = lambda: reconstruction.train_reconstruction(model, corpus, tmp_path)  # noqa: E731
+    elif stage == "reading":
+        fixed = reading.make_batch(model, corpus, 0)
+        assert len(fixed) == tiny_cfg.reading.batch_size
+        assert all(s.num_targets == tiny_cfg.run.default_chunk_size for s in fixed)  # 1 x k reconstruction
+        decoder_lora = [p.detach().clone() for _, p in model.named_groups()["decoder"]]
+        train = lambda: reading.train_reading(model, corpus, tmp_path)  # noqa: E731
     elif stage == "cpt":
         fixed = cpt.make_batch(model, corpus, cpt.plan(model), 0)
         train = lambda: cpt.train_cpt(model, corpus, tmp_path)  # noqa: E731
@@ -257,6 +263,10 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
     assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and all(math.isfinite(r["loss"]) for r in log)
     if stage == "sft":
         assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay"], rel_tol=1e-5) for r in log)
+    if stage == "reading":  # the decoder's LoRA learns here, unlike in reconstruction
+        assert len(log) == tiny_cfg.reading.steps
+        after_lora = [p.detach() for _, p in model.named_groups()["decoder"]]
+        assert any(not torch.equal(a, b) for a, b in zip(decoder_lora, after_lora))
 
 
 def test_reconstruction_measures_the_standardizing_projectors_statistics(tiny_cfg, tmp_path):

@@ -3,7 +3,7 @@
 Modes, on the same engine and decoder:
 
 * ``refrag``          the passages' cached chunk vectors (no encoder work at query time);
-* ``refrag-nocache``  the passages' chunk text (the encoder runs in the engine);
+* ``refrag-nocache``  the passages' chunk text (the engine encodes it, through its chunk-vector cache);
 * ``vanilla``         the passages as plain tokens (vanilla RAG).
 """
 

@@ -1,0 +1,41 @@
+"""What the benchmark commands share: a profile dataclass as flags, and the run's log file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+
+def add_profile_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``cls`` (unset: the profile's value)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type == "list[int]":
+            parser.add_argument(flag, type=lambda s: [int(x) for x in s.split(",") if x != ""], default=None)
+        else:
+            parser.add_argument(flag, type={"float": float, "str": str}.get(f.type, int), default=None)
+
+
+def profile_from_args(args: argparse.Namespace, profile):
+    """A copy of the dataclass ``profile`` with every flag the command line set."""
+    cfg = dataclasses.replace(profile)
+    for f in dataclasses.fields(cfg):
+        value = getattr(args, f.name)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    return cfg
+
+
+def run_log(out: Path):
+    """``log(msg)``: print it and append it to ``out/log.txt``."""
+    log_file = open(out / "log.txt", "w")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    return log

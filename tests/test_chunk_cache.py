@@ -1,0 +1,121 @@
+"""The chunk-vector cache on its own (no engine): keys, LRU byte bound, reuse, stats.
+Its parity inside vLLM is in test_parity.py."""
+
+import json
+
+import pytest
+import torch
+
+from refrag_vllm.chunk_cache import (
+    CACHE_BYTES_ENV,
+    DEFAULT_CACHE_BYTES,
+    ChunkVectorCache,
+    cache_bytes_from_env,
+    cached_projection,
+    chunk_keys,
+)
+
+HIDDEN = 8
+
+
+def _project(calls):
+    """A deterministic projection that records which rows it was asked for."""
+    weight = torch.randn(32, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+    def project(ids, mask):
+        calls.append(ids.clone())
+        return (weight[ids] * mask.unsqueeze(-1)).sum(1)
+
+    return project
+
+
+def _batch(rows, width=6):
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def test_keys_come_from_unmasked_content_only():
+    ids, mask = _batch([[1, 2, 3], [1, 2, 3], [1, 2, 4], [1, 2]])
+    keys = chunk_keys(ids, mask)
+    assert keys[0] == keys[1] and len(set(keys)) == 3
+    ids[0, 4] = 9  # a padded position does not change the key
+    wide_ids, wide_mask = _batch([[1, 2, 3]], width=12)
+    assert chunk_keys(ids, mask)[0] == keys[0] == chunk_keys(wide_ids, wide_mask)[0]
+
+
+def test_hits_reuse_vectors_and_equal_a_fresh_computation():
+    cache, calls = ChunkVectorCache(1 << 20), []
+    project = _project(calls)
+    first_ids, first_mask = _batch([[1, 2], [3, 4], [1, 2]])
+    first = cached_projection(cache, first_ids, first_mask, project)
+    assert len(calls[0]) == 2  # the repeated chunk is computed once
+    assert torch.equal(first, project(first_ids, first_mask))
+    calls.clear()
+    ids, mask = _batch([[5], [3, 4], [1, 2], [6, 7]])
+    out = cached_projection(cache, ids, mask, project)
+    assert [r[:2].tolist() for r in calls[0]] == [[5, 0], [6, 7]]  # only the new chunks
+    assert torch.equal(out, project(ids, mask))  # in order, hits bit-identical
+    s = cache.stats()
+    assert (s.hits, s.misses, s.entries) == (2, 5, 4)
+    assert s.bytes == 4 * HIDDEN * 4
+
+
+def test_all_hits_and_empty_batches():
+    cache, calls = ChunkVectorCache(1 << 20), []
+    project = _project(calls)
+    ids, mask = _batch([[1], [2]])
+    cached_projection(cache, ids, mask, project)
+    calls.clear()
+    assert torch.equal(cached_projection(cache, ids, mask, project), project(ids, mask))
+    assert len(calls) == 1  # only the comparison above
+    empty = torch.zeros(0, 4, dtype=torch.int64)
+    assert cached_projection(cache, empty, empty, project).shape == (0, HIDDEN)
+
+
+def test_lru_eviction_keeps_the_byte_bound():
+    row_bytes = HIDDEN * 4
+    cache, calls = ChunkVectorCache(3 * row_bytes), []
+    project = _project(calls)
+    for row in ([1], [2], [3]):
+        cached_projection(cache, *_batch([row]), project)
+    cached_projection(cache, *_batch([[1]]), project)  # 1 is now the most recent
+    cached_projection(cache, *_batch([[4]]), project)  # evicts 2, the least recent
+    assert cache.stats().entries == 3 and cache.stats().bytes == 3 * row_bytes
+    calls.clear()
+    cached_projection(cache, *_batch([[1], [3], [4], [2]]), project)
+    assert [r[0].item() for r in calls[0]] == [2]
+
+
+def test_disabled_cache_computes_everything():
+    cache, calls = ChunkVectorCache(0), []
+    project = _project(calls)
+    ids, mask = _batch([[1], [1]])
+    cached_projection(cache, ids, mask, project)
+    cached_projection(cache, ids, mask, project)
+    assert len(calls) == 2 and cache.stats().entries == 0
+
+
+def test_stats_file(tmp_path):
+    path = tmp_path / "stats.json"
+    cache, calls = ChunkVectorCache(1 << 20, stats_file=str(path)), []
+    ids, mask = _batch([[1], [2], [1]])
+    cached_projection(cache, ids, mask, _project(calls))
+    cached_projection(cache, ids, mask, _project(calls))
+    stats = json.loads(path.read_text())
+    assert stats["hits"] == 3 and stats["misses"] == 3 and stats["hit_rate"] == 0.5
+    assert stats["entries"] == 2
+
+
+def test_size_from_environment(monkeypatch):
+    monkeypatch.delenv(CACHE_BYTES_ENV, raising=False)
+    assert cache_bytes_from_env() == DEFAULT_CACHE_BYTES
+    monkeypatch.setenv(CACHE_BYTES_ENV, "0")
+    assert cache_bytes_from_env() == 0
+    for bad in ("-1", "lots"):
+        monkeypatch.setenv(CACHE_BYTES_ENV, bad)
+        with pytest.raises(ValueError, match=CACHE_BYTES_ENV):
+            cache_bytes_from_env()

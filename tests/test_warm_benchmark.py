@@ -1,0 +1,52 @@
+"""The warm-traffic harness's --quick profile: every condition runs on its own server and
+the files are well formed; the chunk-vector cache fills only where it is on. Timings are not asserted (benchmarks measure; tests check behaviour)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def warm_results(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("warm")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.warm", "--quick", "--model", str(tiny_ckpt),
+                           "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, json.loads((out / "warm.json").read_text())
+
+
+def test_every_condition_and_level_is_measured(warm_results):
+    _, res = warm_results
+    assert list(res["conditions"]) == ["vanilla", "refrag", "refrag-no-chunk-cache", "refrag-cached"]
+    for result in res["conditions"].values():
+        rows = result["rows"]
+        assert [r["concurrency"] for r in rows] == [1, 2]
+        for r in rows:
+            assert r["requests"] == 4 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+            assert r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0
+
+
+def test_the_chunk_cache_hits_only_where_it_is_on(warm_results):
+    _, res = warm_results
+    text = res["conditions"]["refrag"]
+    # In this tiny profile vLLM's own item-level caches serve every repeated passage whole, so the
+    # chunk cache only fills; its hits are measured by the full profile.
+    assert text["chunk_cache"]["misses"] > 0
+    assert text["chunk_cache"]["entries"] > 0 and text["chunk_cache"]["bytes"] > 0
+    for condition in ("refrag-no-chunk-cache", "refrag-cached"):  # the cache is off / no text chunks reach it
+        result = res["conditions"][condition]
+        assert all(r["chunk_cache_hit_rate"] is None for r in result["rows"])
+        assert result["chunk_cache"]["entries"] == 0
+    b = res["passage_bytes"]
+    assert b["kv_over_chunk_cache"] > 1
+
+
+def test_report_files(warm_results):
+    out, res = warm_results
+    md = (out / "warm.md").read_text()
+    assert res["command"] in md and "chunk-cache hits" in md and "KV" in md
+    assert (out / "warm_ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
