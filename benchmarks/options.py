@@ -7,6 +7,16 @@ import dataclasses
 from pathlib import Path
 
 
+def profile_parser(doc: str, out_help: str, quick_help: str, cls) -> argparse.ArgumentParser:
+    """``--model``, ``--out``, ``--quick`` and one flag per field of the profile dataclass ``cls``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a REFRAG checkpoint folder")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    add_profile_flags(parser, cls)
+    return parser
+
+
 def add_profile_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--field-name`` flag per field of the dataclass ``cls`` (unset: the profile's value)."""
     for f in dataclasses.fields(cls):

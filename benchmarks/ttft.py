@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import add_profile_flags, profile_from_args, run_log
+from .options import profile_from_args, profile_parser, run_log
 
 MODES = ("vanilla", "refrag", "refrag-cached", "refrag-policy")
 
@@ -442,11 +442,7 @@ def machine() -> dict:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a REFRAG checkpoint folder")
-    p.add_argument("--out", required=True, help="folder for results.json / results.md / plots")
-    p.add_argument("--quick", action="store_true", help="tiny sweep for CI: checks the harness, not timings")
-    add_profile_flags(p, BenchConfig)
+    p = profile_parser(__doc__, "folder for results.json / results.md / plots", "tiny sweep for CI: checks the harness, not timings", BenchConfig)
     args = p.parse_args(argv)
     cfg = profile_from_args(args, PROFILES["quick" if args.quick else "default"])
     return args, cfg

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import add_profile_flags, profile_from_args, run_log
+from .options import profile_from_args, profile_parser, run_log
 
 CONDITIONS = ("vanilla", "refrag", "refrag-no-chunk-cache", "refrag-cached")
 QUESTIONS = (
@@ -119,7 +119,7 @@ class Messages:
                 projected = reference.project_item(CompressedChunks.from_texts(chunks)).float()
                 self.vectors.append(CompressedChunks.from_projected_embeds(projected))
         del reference
-        self.chunks_per_passage = statistics.mean(len(self.builder.chunk_passage(p)) for p in self.pool)
+        self.chunks_per_passage = statistics.mean(item.num_chunks for item in self.vectors)
 
     def content(self, condition: str, picked: list[int], question: str) -> str:
         if condition == "vanilla":
@@ -286,12 +286,8 @@ def plot(res: dict, out: Path) -> Path:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a REFRAG checkpoint folder")
-    p.add_argument("--out", required=True, help="folder for warm.json / warm.md / warm_ttft.png")
-    p.add_argument("--quick", action="store_true", help="tiny profile: checks the harness, not timings")
+    p = profile_parser(__doc__, "folder for warm.json / warm.md / warm_ttft.png", "tiny profile: checks the harness, not timings", WarmConfig)
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
-    add_profile_flags(p, WarmConfig)
     args = p.parse_args(argv)
     cfg = profile_from_args(args, PROFILES["quick" if args.quick else "default"])
     unknown = set(args.conditions.split(",")) - set(CONDITIONS)

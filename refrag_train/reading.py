@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
-from .samples import TokenCorpus, reconstruction_sample
+from .reconstruction import reconstruction_batch
+from .samples import TokenCorpus
 from .trainer import Stage, run_supervised, step_rng
 
 NAME = "reading"
@@ -23,13 +24,9 @@ NAME = "reading"
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int):
     """``batch_size`` windows of ``num_chunks x k`` tokens (k: the run's default)."""
-    c, k = model.cfg.reading, model.cfg.run.default_chunk_size
-    rng = step_rng(model.cfg.run.seed, NAME, step)
-    return [
-        reconstruction_sample(model.tokenizer, model.placeholder_id, corpus.window(c.num_chunks * k, rng), k,
-                              start=model.cfg.run.bos_first)
-        for _ in range(c.batch_size)
-    ]
+    c = model.cfg.reading
+    return reconstruction_batch(model, corpus, step_rng(model.cfg.run.seed, NAME, step), c.num_chunks,
+                                model.cfg.run.default_chunk_size, c.batch_size)
 
 
 def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:

@@ -29,15 +29,20 @@ def plan(model: TrainingModel):
                               cfg.run.chunk_size_weights, cfg.run.seed, lambda n, k: n * (k + 1))
 
 
+def reconstruction_batch(model: TrainingModel, corpus: TokenCorpus, rng, num_chunks: int, k: int,
+                         batch_size: int):
+    """``batch_size`` reconstruction samples of ``num_chunks x k`` tokens, windows drawn with ``rng``."""
+    return [
+        reconstruction_sample(model.tokenizer, model.placeholder_id, corpus.window(num_chunks * k, rng), k,
+                              start=model.cfg.run.bos_first)
+        for _ in range(batch_size)
+    ]
+
+
 def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     b = steps[step]
-    rng = step_rng(model.cfg.run.seed, NAME, step)
-    return [
-        reconstruction_sample(model.tokenizer, model.placeholder_id,
-                              corpus.window(b.num_chunks * b.chunk_size, rng), b.chunk_size,
-                              start=model.cfg.run.bos_first)
-        for _ in range(b.batch_size)
-    ]
+    return reconstruction_batch(model, corpus, step_rng(model.cfg.run.seed, NAME, step), b.num_chunks,
+                                b.chunk_size, b.batch_size)
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ import torch
 
 from vllm.logger import init_logger
 
+from .config import bytes_from_env
+
 logger = init_logger(__name__)
 
 CACHE_BYTES_ENV = "REFRAG_CHUNK_CACHE_BYTES"
@@ -46,16 +48,7 @@ LOG_EVERY_S = 60.0
 
 def cache_bytes_from_env() -> int:
     """``REFRAG_CHUNK_CACHE_BYTES`` (a non-negative integer; 0 disables), else the default."""
-    raw = os.environ.get(CACHE_BYTES_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_CACHE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{CACHE_BYTES_ENV} must be a non-negative integer (bytes), got {raw!r}")
-    return value
+    return bytes_from_env(CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES, allow_zero=True)
 
 
 def chunk_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,19 @@ def load_refrag_config(model_dir: str | Path) -> tuple[dict[str, Any], RefragCon
     ns = _Ns()
     ns.__dict__.update(raw)
     return raw, refrag_config_from_hf(ns)
+
+
+def bytes_from_env(name: str, default: int, *, allow_zero: bool = False) -> int:
+    """A byte count from the environment variable ``name`` (``default`` when unset or empty).
+    Anything but a positive integer (or 0, with ``allow_zero``) is refused, naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer (bytes), got {raw!r}")
+    return value

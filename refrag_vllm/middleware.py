@@ -18,7 +18,8 @@ the limit go on unchanged; the renderer still refuses a prompt that cannot fit
 from __future__ import annotations
 
 import json
-import os
+
+from .config import bytes_from_env
 
 DEFAULT_MAX_REQUEST_BYTES = 32 << 20
 MAX_REQUEST_BYTES_ENV = "REFRAG_MAX_REQUEST_BYTES"
@@ -27,16 +28,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 def max_request_bytes() -> int:
     """The limit: ``REFRAG_MAX_REQUEST_BYTES`` if set (a positive integer), else the default."""
-    raw = os.environ.get(MAX_REQUEST_BYTES_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_MAX_REQUEST_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{MAX_REQUEST_BYTES_ENV} must be a positive integer (bytes), got {raw!r}")
-    return value
+    return bytes_from_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES)
 
 
 class RequestSizeLimit:
