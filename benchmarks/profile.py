@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from refrag_vllm.modes import MODES, REFRAG
+
 # Frames worth naming in the summary: ours, and vLLM's stages a request goes through.
 KEY_FRAMES = ("refrag_vllm/", "benchmarks/workload.py", "multimodal/", "v1/engine/", "v1/core/sched",
               "model_executor/models/llama.py", "transformers/models/bert/", "tokenization")
@@ -44,7 +46,7 @@ def summarize(collapsed: Path, top: int = 25) -> list[tuple[str, float]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--mode", default="refrag", choices=["vanilla", "refrag", "refrag-cached", "refrag-policy"])
+    p.add_argument("--mode", default=REFRAG, choices=MODES)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--context", type=int, default=7936, help="context tokens per request")
     p.add_argument("--requests", type=int, default=3)

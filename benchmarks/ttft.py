@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import profile_from_args, profile_parser, run_log
+from refrag_vllm.modes import REFRAG, REFRAG_CACHED, REFRAG_POLICY, VANILLA
 
-MODES = ("vanilla", "refrag", "refrag-cached", "refrag-policy")
+from .options import profile_from_args, profile_parser, run_log
 
 
 @dataclass
@@ -276,14 +276,14 @@ def measure_batch1(engine: OfflineEngine, factory, cfg: BenchConfig, lengths: li
     """TTFT/TPOT at batch 1 for every mode, k and length; the ceiling right after its REFRAG row."""
     from tqdm import tqdm
 
-    plan: list[tuple[str, int | None, int]] = [("vanilla", None, n) for n in lengths]
+    plan: list[tuple[str, int | None, int]] = [(VANILLA, None, n) for n in lengths]
     for k in cfg.ks:
         for n in lengths + beyond:
-            plan += [("refrag-cached", k, n), ("refrag", k, n), ("ceiling", k, n)]
+            plan += [(REFRAG_CACHED, k, n), (REFRAG, k, n), ("ceiling", k, n)]
     if factory.has_policy:
-        plan += [("refrag-policy", cfg.policy_k, n) for n in lengths + beyond]
+        plan += [(REFRAG_POLICY, cfg.policy_k, n) for n in lengths + beyond]
     # warm-up: one request of each mode at the shortest length
-    for mode in ("vanilla", "refrag", "refrag-cached") + (("refrag-policy",) if factory.has_policy else ()):
+    for mode in (VANILLA, REFRAG, REFRAG_CACHED) + ((REFRAG_POLICY,) if factory.has_policy else ()):
         engine.measure(factory.make(mode, lengths[0], cfg.ks[0], cfg.policy_fraction).prompt, 1)
     rows: list[dict] = []
     cached_positions: dict[tuple[int, int], int] = {}
@@ -293,7 +293,7 @@ def measure_batch1(engine: OfflineEngine, factory, cfg: BenchConfig, lengths: li
             row = measure_point(engine, lambda: factory.ceiling(target, n, k), cfg)
         else:
             row = measure_point(engine, lambda: factory.make(mode, n, k, cfg.policy_fraction), cfg)
-        if mode == "refrag-cached":
+        if mode == REFRAG_CACHED:
             cached_positions[(k, n)] = int(row["positions"])
         rows.append(row)
         log(f"offline {mode:14s} k={k} s={n}: ttft {row['ttft_s']['median']:.3f}s positions {row['positions']}")
@@ -304,8 +304,8 @@ def measure_throughput(engine: OfflineEngine, factory, cfg: BenchConfig, log) ->
     """Output tokens/s with ``throughput_requests`` requests submitted at once."""
     out = []
     n = cfg.throughput_length
-    plan = [("vanilla", None)] + [(mode, k) for k in cfg.ks for mode in ("refrag", "refrag-cached")]
-    for mode, k in plan + ([("refrag-policy", cfg.policy_k)] if factory.has_policy else []):
+    plan = [(VANILLA, None)] + [(mode, k) for k in cfg.ks for mode in (REFRAG, REFRAG_CACHED)]
+    for mode, k in plan + ([(REFRAG_POLICY, cfg.policy_k)] if factory.has_policy else []):
         reqs = [factory.make(mode, n, k, cfg.policy_fraction) for _ in range(cfg.throughput_requests)]
         prep = sum(r.prep_seconds for r in reqs)
         start = time.perf_counter()
@@ -358,10 +358,10 @@ def run_server(model: str, factory, cfg: BenchConfig, lengths: list[int], beyond
     k = cfg.server_k
     with VllmServer(model, server_flags(cfg), env=engine_env(cfg), log_path=out / "server.log") as server:
         client = OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
-        plan = [("vanilla", None, n) for n in lengths]
-        plan += [(m, k, n) for n in lengths + beyond for m in ("refrag-cached", "refrag")]
+        plan = [(VANILLA, None, n) for n in lengths]
+        plan += [(m, k, n) for n in lengths + beyond for m in (REFRAG_CACHED, REFRAG)]
         if factory.has_policy:
-            plan += [("refrag-policy", k, n) for n in lengths + beyond]
+            plan += [(REFRAG_POLICY, k, n) for n in lengths + beyond]
         for mode in {m for m, _, _ in plan}:  # warm-up
             stream_request(client, server.model, factory.make(mode, lengths[0], k, cfg.policy_fraction), 2)
         rows = []

@@ -16,7 +16,7 @@ vLLM's defaults otherwise: prefix caching on), one condition after another in th
 * ``refrag-no-chunk-cache``  the same with ``REFRAG_CHUNK_CACHE_BYTES=0``;
 * ``refrag-cached``   the client sends projected vectors (``format="projected"``) from its
                       own REFRAG cache, filled before the run and not timed (the mode names
-                      are :mod:`benchmarks.ttft`'s).
+                      are :mod:`refrag_vllm.modes`).
 
 Per condition: ``warmup`` untimed requests, then for each concurrency level ``requests``
 streamed chat requests: TTFT p50/p99, requests/s and output tokens/s, the chunk-vector
@@ -39,9 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
+
 from .options import profile_from_args, profile_parser, run_log
 
-CONDITIONS = ("vanilla", "refrag", "refrag-no-chunk-cache", "refrag-cached")
+NO_CHUNK_CACHE = REFRAG + "-no-chunk-cache"
+"""Chunk text with the engine's chunk-vector cache turned off."""
+CONDITIONS = (VANILLA, REFRAG, NO_CHUNK_CACHE, REFRAG_CACHED)
 QUESTIONS = (
     "Which function fits here, and what does it return?",
     "What arguments does it take?",
@@ -122,9 +126,9 @@ class Messages:
         self.chunks_per_passage = statistics.mean(item.num_chunks for item in self.vectors)
 
     def content(self, condition: str, picked: list[int], question: str) -> str:
-        if condition == "vanilla":
+        if condition == VANILLA:
             return self._plain(question, [self.pool[i] for i in picked])
-        if condition == "refrag-cached":
+        if condition == REFRAG_CACHED:
             return self.builder.format_user_message(question, [self.vectors[i] for i in picked])
         return self.builder.format_user_message(question, [self.pool[i] for i in picked])
 
@@ -188,7 +192,7 @@ def run_condition(condition: str, model_dir: str, cfg: WarmConfig, messages: Mes
     stats_file.unlink(missing_ok=True)
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", STATS_FILE_ENV: str(stats_file),
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
-           CACHE_BYTES_ENV: "0" if condition == "refrag-no-chunk-cache" else None}
+           CACHE_BYTES_ENV: "0" if condition == NO_CHUNK_CACHE else None}
     empty = {"hits": 0, "misses": 0, "entries": 0, "bytes": 0}
     read_stats = lambda: json.loads(stats_file.read_text()) if stats_file.exists() else dict(empty)
     with VllmServer(model_dir, server_flags(cfg), env=env, log_path=out / f"server_{condition}.log") as server:
@@ -211,7 +215,7 @@ def run_condition(condition: str, model_dir: str, cfg: WarmConfig, messages: Mes
                    "ttft_p50_s": statistics.median(ttfts),
                    "ttft_p99_s": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
                    "requests_per_s": len(batch) / wall, "output_tokens_per_s": sum(r[2] for r in results) / wall,
-                   "chunk_cache_hit_rate": None if condition == "vanilla" else
+                   "chunk_cache_hit_rate": None if condition == VANILLA else
                    _rate(stats_after, stats_before, "hits", misses="misses"),
                    "prefix_cache_hit_rate": _rate(prefix_after, prefix_before, "vllm:prefix_cache_hits",
                                                   "vllm:prefix_cache_queries")}
@@ -244,7 +248,7 @@ def markdown(res: dict) -> str:
              "| condition | concurrency | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | chunk-cache hits | "
              "prefix-cache hits | TTFT p50 vs vanilla |",
              "|---|---|---|---|---|---|---|---|---|"]
-    vanilla = {r["concurrency"]: r["ttft_p50_s"] for r in res["conditions"]["vanilla"]["rows"]}
+    vanilla = {r["concurrency"]: r["ttft_p50_s"] for r in res["conditions"][VANILLA]["rows"]}
     pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"
     for condition, result in res["conditions"].items():
         for r in result["rows"]:
@@ -311,11 +315,11 @@ def main(argv=None) -> dict:
                "conditions": {}}
     for condition in [c for c in CONDITIONS if c in args.conditions.split(",")]:
         results["conditions"][condition] = run_condition(condition, args.model, cfg, messages, plan, out, log)
-    cache = results["conditions"].get("refrag", {}).get("chunk_cache", {})
+    cache = results["conditions"].get(REFRAG, {}).get("chunk_cache", {})
     results["passage_bytes"] = passage_bytes(args.model, cfg, messages, cache)
     results["wall_s"] = time.perf_counter() - started
     (out / "warm.json").write_text(json.dumps(results, indent=2) + "\n")
-    if "vanilla" in results["conditions"]:
+    if VANILLA in results["conditions"]:
         (out / "warm.md").write_text(markdown(results))
     plot(results, out)
     log(f"done in {results['wall_s']:.0f}s: {out / 'warm.md'}")

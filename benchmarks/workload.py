@@ -166,7 +166,7 @@ class RequestFactory:
         passages = self.source.passages(context_tokens)
         texts = [[chunk_text(self.tokenizer, c) for c in b.chunk_passage(p)] for p in passages]
         with torch.no_grad():
-            items = self._reference._project_items([CompressedChunks.from_texts(t) for t in texts])
+            items = self._reference.project_items([CompressedChunks.from_texts(t) for t in texts])
         cached = [CompressedChunks.from_projected_embeds(x.float()) for x in items]
         prompt = b.build(self.question, cached)
         return self._request("refrag-cached", k, context_tokens, prompt,

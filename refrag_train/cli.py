@@ -48,7 +48,7 @@ def _record_time(run_dir: Path, what: str, seconds: float) -> None:
 
 def cmd_prepare(args) -> None:
     if args.domain == "gcide":
-        from .gcide import GCIDE_DIR, prepare_gcide
+        from .data.gcide import GCIDE_DIR, prepare_gcide
 
         manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
     else:

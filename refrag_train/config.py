@@ -163,7 +163,7 @@ class PolicyRLConfig:
     expand_fraction: float = 0.1
     context_chunks: int = 16
     continuation_tokens: int = 64
-    chunk_size: int = 16
+    """The policy picks among chunks of ``run.default_chunk_size`` tokens (the k it serves)."""
 
 
 @dataclass
@@ -194,7 +194,7 @@ class EvalConfig:
     num_windows: int = 64
     chunk_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     expand_fraction: float = 0.1
-    policy_chunk_size: int = 16
+    """The policy rows compress at the checkpoint's k (``refrag.chunk_size``), which it was trained at."""
     dtype: str = "float32"
     probe_shapes: list[list[int]] = field(default_factory=lambda: [[1, 16], [4, 16]])
     """The content probe's n x k reconstruction shapes (``refrag_train.diagnose``)."""
@@ -219,6 +219,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+REMOVED_KEYS = {("policy_rl", "chunk_size"), ("eval", "policy_chunk_size")}
+"""Keys of older configs that ``run.default_chunk_size`` (the served k) now sets: dropped
+where they equal it, refused where they do not."""
+
+
+def _drop_removed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    k = raw.get("run", {}).get("default_chunk_size", RunConfig.default_chunk_size)
+    for section, key in REMOVED_KEYS:
+        table = raw.get(section, {})
+        if key in table:
+            if table[key] != k:
+                raise ValueError(f"config: {section}.{key} = {table[key]} is gone; the policy uses "
+                                 f"run.default_chunk_size (here {k}): set that instead")
+            del table[key]
+    return raw
+
+
 def _build(cls, raw: dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
@@ -236,7 +253,7 @@ def _build(cls, raw: dict[str, Any], where: str):
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, raw, "config")
+    return _build(TrainConfig, _drop_removed_keys(raw), "config")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     ks = list(cfg.chunk_sizes)
     for k in ks:
         conds[f"REFRAG{k}"] = []
-    kp, p = cfg.policy_chunk_size, cfg.expand_fraction
+    kp, p = model.refrag_config.chunk_size, cfg.expand_fraction
     policy_name = f"REFRAG{kp} + RL policy (p={p:g})"
     random_name = f"REFRAG{kp} + random expansion (p={p:g})"
     if model.expansion_policy is not None:

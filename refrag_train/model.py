@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from refrag_vllm.checkpoint import assemble_model
 from refrag_vllm.config import PolicyConfig
 from refrag_vllm.delta import ADAPTER_WEIGHTS, HEADS, apply_delta, save_delta
+from refrag_vllm.embedder import strip_prefix
 from refrag_vllm.expansion_policy import ExpansionPolicy
 from refrag_vllm.reference import RefragReferenceModel
 
@@ -165,10 +166,9 @@ class TrainingModel:
         if result.unexpected_keys:
             raise ValueError(f"{delta_dir}: unexpected LoRA weights {result.unexpected_keys[:3]}")
         heads = load_file(str(delta_dir / HEADS))
-        self.refrag.projector.load_state_dict(
-            {k[len("projector."):]: v.float() for k, v in heads.items() if k.startswith("projector.")})
-        policy = {k[len("expansion_policy."):]: v.float() for k, v in heads.items()
-                  if k.startswith("expansion_policy.")}
+        heads = {k: v.float() for k, v in heads.items()}
+        self.refrag.projector.load_state_dict(strip_prefix(heads, "projector."))
+        policy = strip_prefix(heads, "expansion_policy.")
         if policy:
             self.policy.load_state_dict(policy)
 

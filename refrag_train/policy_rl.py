@@ -53,14 +53,14 @@ def rewards_for(model: TrainingModel, contexts, continuations, actions: torch.Te
 def make_inputs(model: TrainingModel, corpus: TokenCorpus, step: int):
     pc = model.cfg.policy_rl
     rng = step_rng(model.cfg.run.seed, NAME, step)
-    s = pc.context_chunks * pc.chunk_size
+    s = pc.context_chunks * model.cfg.run.default_chunk_size
     windows = [corpus.window(s + pc.continuation_tokens, rng) for _ in range(pc.batch_size)]
     return [w[:s] for w in windows], [w[s:] for w in windows]
 
 
 def train_policy(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     pc = model.cfg.policy_rl
-    G, k = pc.group_size, pc.chunk_size
+    G, k = pc.group_size, model.cfg.run.default_chunk_size
     picks = num_expanded(pc.context_chunks, pc.expand_fraction)
     if picks == 0:
         raise ValueError(f"policy_rl: expand_fraction {pc.expand_fraction} of {pc.context_chunks} chunks picks none")

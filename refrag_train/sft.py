@@ -1,7 +1,7 @@
 """Stage 4, SFT on retrieval-augmented QA: question + compressed passages -> answer.
 
 The QA pairs are derived from the Python documentation by ``refrag-train prepare``
-(see ``data.py``): each question asks about an API entry, its passages are that
+(see :mod:`refrag_train.data.qa`): each question asks about an API entry, its passages are that
 entry's documentation and other entries of the same page, all compressed.  The loss
 is on the answer and the end-of-turn token.  With ``replay_batch_size``, every step also
 holds CPT samples (next-paragraph prediction) and adds their mean loss: without them,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
 from .middleware import RequestSizeLimit
+from .modes import REFRAG_CACHED
 from .retrieval.rag import MODES as RAG_MODES
 
 SIZE_LIMIT_MIDDLEWARE = f"{RequestSizeLimit.__module__}.{RequestSizeLimit.__qualname__}"
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--ray-address", default=None)
     a.add_argument("--index", required=True)
     a.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
-    a.add_argument("--mode", choices=RAG_MODES, default="refrag")
+    a.add_argument("--mode", choices=RAG_MODES, default=REFRAG_CACHED)
     a.add_argument("--top-k", type=int, default=3)
     a.add_argument("--max-tokens", type=int, default=128)
 

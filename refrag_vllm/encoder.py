@@ -93,20 +93,3 @@ class ChunkEncoder(nn.Module):
                 out = encoded.new_empty((n, encoded.shape[1]))
             out[idx] = encoded
         return out
-
-
-def load_chunk_encoder(model_dir, cfg, tensors: dict[str, torch.Tensor]) -> tuple["ChunkEncoder", object]:
-    """The checkpoint's chunk encoder (from its ``chunk_encoder.*`` tensors, in their dtype)
-    and the encoder tokenizer, without the decoder."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from .config import ENCODER_TOKENIZER_DIR
-
-    prefix = "chunk_encoder."
-    encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
-    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    encoder.load_state_dict(weights, strict=False)
-    encoder.to(next(iter(weights.values())).dtype)
-    return encoder.eval(), AutoTokenizer.from_pretrained(str(Path(model_dir) / ENCODER_TOKENIZER_DIR))

@@ -146,33 +146,27 @@ class PolicyExpander:
     :meth:`choose_from_embeds`).
     """
 
-    def __init__(self, encoder, encoder_tokenizer, policy: ExpansionPolicy, max_tokens: int) -> None:
-        self.encoder, self.encoder_tokenizer = encoder.eval(), encoder_tokenizer
-        self.policy, self.max_tokens = policy.eval(), max_tokens
+    def __init__(self, chunk_embedder, policy: ExpansionPolicy) -> None:
+        self.chunk_embedder, self.policy = chunk_embedder, policy.eval()
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "PolicyExpander":
         from .checkpoint import load_tensors
         from .config import load_refrag_config
-        from .encoder import load_chunk_encoder
+        from .embedder import ChunkEmbedder, strip_prefix
 
         _, cfg = load_refrag_config(model_dir)
         if cfg.expansion_policy is None:
             raise ValueError(f"{model_dir}: this checkpoint has no trained expansion policy")
-        weights = load_tensors(model_dir, ("chunk_encoder.", "expansion_policy."))
-        encoder, tok = load_chunk_encoder(model_dir, cfg, weights)
         policy = ExpansionPolicy(cfg.expansion_policy)
-        policy.load_state_dict({k[len("expansion_policy."):]: v.float() for k, v in weights.items()
-                                if k.startswith("expansion_policy.")})
-        return cls(encoder, tok, policy, cfg.encoder_max_tokens)
+        weights = strip_prefix(load_tensors(model_dir, ("expansion_policy.",)), "expansion_policy.")
+        policy.load_state_dict({k: v.float() for k, v in weights.items()})
+        return cls(ChunkEmbedder.from_pretrained(model_dir, with_projector=False), policy)
 
     @torch.no_grad()
     def encode(self, chunk_texts: list[str]) -> torch.Tensor:
         """Chunk texts -> their encoder vectors ``(L, encoder_hidden)``, float32."""
-        from .encoder import tokenize_chunks
-
-        ids, mask = tokenize_chunks(self.encoder_tokenizer, chunk_texts, self.max_tokens)
-        return self.encoder(ids, mask).float()
+        return self.chunk_embedder.encode(chunk_texts).float()
 
     def choose_from_embeds(self, chunk_embeds: torch.Tensor, fraction: float) -> list[int]:
         """Indices (sorted) of the chunks to keep expanded, ``round(fraction * L)`` of them."""

@@ -50,6 +50,7 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 from .chunk_cache import ChunkVectorCache, cached_projection
 from .chunks import CompressedChunks, validate_item
 from .config import ENCODER_TOKENIZER_DIR, MODALITY, RefragConfig, refrag_config_from_hf
+from .embedder import ChunkEmbedder
 from .encoder import ChunkEncoder, tokenize_chunks
 from .projector import ChunkProjector
 from .prompt import EMBEDS_DISABLED
@@ -286,9 +287,10 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     # ------------------------------------------------------------ chunks
-    def _project(self, encoder_embeds: torch.Tensor) -> torch.Tensor:
-        dtype = self.projector.fc1.weight.dtype
-        return self.projector(encoder_embeds.to(dtype))
+    @property
+    def chunk_embedder(self) -> ChunkEmbedder:
+        """The encoder and projector (the processor tokenizes: no tokenizer here)."""
+        return ChunkEmbedder(self.chunk_encoder, self.projector, None, self.refrag_config.encoder_max_tokens)
 
     def _parse_and_validate_chunk_input(self, **kwargs: object) -> RefragChunkInputs | None:
         """The call's items as one of the three schemas (one kind per call), shapes checked."""
@@ -308,7 +310,7 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         if chunk_input["type"] == "projected_embeds":
             return [e.to(out_dtype) for e in _per_item(chunk_input["data"])]
         if chunk_input["type"] == "encoder_embeds":
-            return [self._project(e).to(out_dtype) for e in _per_item(chunk_input["data"])]
+            return [self.chunk_embedder.project(e).to(out_dtype) for e in _per_item(chunk_input["data"])]
         ids, masks = _per_item(chunk_input["input_ids"]), _per_item(chunk_input["attention_mask"])
         sizes = [t.shape[0] for t in ids]
         width = max(t.shape[1] for t in ids)
@@ -316,7 +318,8 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         flat_ids = torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in ids])
         flat_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
         projected = cached_projection(  # (sum n_i, hidden)
-            self.chunk_cache, flat_ids, flat_mask, lambda i, m: self._project(self.chunk_encoder(i, m)))
+            self.chunk_cache, flat_ids, flat_mask,
+            lambda i, m: self.chunk_embedder.project(self.chunk_embedder.encode_ids(i, m)))
         return [e.to(out_dtype) for e in projected.split(sizes)]
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:

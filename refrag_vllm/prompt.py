@@ -16,7 +16,8 @@ prompt string as
 token in the prompt per item, one decoder position per chunk after processing),
 expanded chunks stay as their own tokens.  The offline API
 (:meth:`RefragPromptBuilder.build`) and the OpenAI server's renderer both call
-``render``, so they produce the same tokens for the same request.
+``render``, so they produce the same tokens for the same request; ``build`` hands it
+its passages already parsed (``slots``), so vectors never round-trip through text.
 
 Escaping.  In a prompt that holds passage markup, ``&lt;``, ``&gt;`` and ``&amp;``
 stand for ``<``, ``>`` and ``&``, inside passage bodies and outside them.  A text
@@ -229,7 +230,12 @@ class RefragPromptBuilder:
         """Token ids and compressed items for one passage, in order."""
         max_items = self.cfg.max_chunks_per_item
         if passage.chunks is not None:
-            return list(passage.chunks.split(max_items))
+            chunks = passage.chunks
+            if chunks.kind != "text":
+                width = self.cfg.encoder_hidden_size if chunks.kind == "encoder" else self.decoder_hidden_size
+                chunks = CompressedChunks(kind=chunks.kind, embeds=check_embeds(
+                    chunks.embeds, width=width, what=f"passage {index} ({chunks.kind} embeddings)"))
+            return list(chunks.split(max_items))
         text = passage.text or ""
         if not text.strip():
             raise ValueError(f"passage {index} is empty")
@@ -250,8 +256,11 @@ class RefragPromptBuilder:
                                  f"{len(chunks)} chunks of k={self.k} tokens")
         return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items, embeds)
 
-    def _parse_passage_markup(self, attrs: str, body: str, index: int, allow_embeds: bool = True) -> Passage:
+    def _parse_passage_markup(self, attrs: str, body: str, index: int, allow_embeds: bool = True,
+                              slots: Sequence[Passage] | None = None) -> Passage:
         fields = dict(_ATTR_RE.findall(attrs))
+        if slots is not None and set(fields) == {"slot"} and not body:
+            return slots[int(fields["slot"])]
         unknown = set(fields) - _PASSAGE_FIELDS
         if unknown:
             raise ValueError(
@@ -324,11 +333,16 @@ class RefragPromptBuilder:
                 f"at k={self.k}, more than the maximum context length of {max_positions:,}"
             )
 
-    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True) -> Prompt:
+    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True,
+               slots: Sequence[Passage] | None = None) -> Prompt:
         """Marked text -> vLLM prompt dict (token ids + compressed chunk items).
 
         With ``allow_embeds=False`` a passage of precomputed vectors is refused
-        (``ValueError``) before its vectors are decoded.
+        (``ValueError``) before its vectors are decoded.  ``slots`` are :meth:`build`'s
+        passages, already parsed, each named in ``text`` by an empty
+        ``<passage slot="i"></passage>``: vectors reach the items without a round trip
+        through base64 text.  The server renders without slots, so a client's ``slot``
+        is an unknown field.
         """
         pieces: list[int | CompressedChunks] = []
         pos = 0
@@ -336,7 +350,7 @@ class RefragPromptBuilder:
             before = text[pos : m.start()]
             self._check_plain_text(before)
             pieces += self._encode(unescape_text(before), add_special_tokens and pos == 0)
-            parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)
+            parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds, slots)
             pieces += self._passage_pieces(parsed, index)
             pos = m.end()
         tail = text[pos:]
@@ -344,19 +358,24 @@ class RefragPromptBuilder:
         pieces += self._encode(unescape_text(tail) if pos else tail, add_special_tokens and pos == 0)
         return pieces_to_prompt(pieces, self.placeholder_id)
 
-    def format_passage(self, item: str | Passage | CompressedChunks) -> str:
-        """One passage as marked text (a text passage through :func:`passage`)."""
-        from .chunks import encode_embeds
-
+    @staticmethod
+    def as_passage(item: str | Passage | CompressedChunks) -> Passage:
+        """A passage as :class:`Passage` (text, or precomputed vectors)."""
         if isinstance(item, str):
             item = Passage(text=item)
         elif isinstance(item, CompressedChunks):
             item = Passage(chunks=item)
+        if item.chunks is not None and item.chunks.kind == "text":
+            raise ValueError("give text passages as str or Passage(text=...)")
+        return item
+
+    def format_passage(self, item: str | Passage | CompressedChunks) -> str:
+        """One passage as marked text, for a client (a text passage through :func:`passage`)."""
+        from .chunks import encode_embeds
+
+        item = self.as_passage(item)
         if item.chunks is not None:
-            c = item.chunks
-            if c.kind == "text":
-                raise ValueError("give text passages as str or Passage(text=...)")
-            return f'<passage format="{c.kind}">{encode_embeds(c.embeds)}</passage>'
+            return f'<passage format="{item.chunks.kind}">{encode_embeds(item.chunks.embeds)}</passage>'
         return passage(item.text or "", item.expand, item.encoder_embeds)
 
     def format_user_message(self, question: str, passages: Sequence[str | Passage | CompressedChunks]) -> str:
@@ -397,7 +416,13 @@ class RefragPromptBuilder:
                 Passage(text=p, expand=tuple(e)) if isinstance(p, str) else p
                 for p, e in zip(passages, expand)
             ]
-        content = self.format_user_message(question, passages)
+        # The user turn is the client's (format_user_message), with each passage named by a
+        # slot: render() takes the parsed passages as they are.
+        slots = [self.as_passage(p) for p in passages]
+        content = question
+        if slots:
+            content = rag_user_message([f'<passage slot="{i}"></passage>' for i in range(len(slots))],
+                                       escape_text(question))
         if system and passages:
             system = escape_text(system)
         if use_chat_template and getattr(self.tokenizer, "chat_template", None):
@@ -405,9 +430,9 @@ class RefragPromptBuilder:
                 {"role": "user", "content": content}
             ]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.render(text, add_special_tokens=False)
+            return self.render(text, add_special_tokens=False, slots=slots or None)
         text = f"{system}\n\n{content}" if system else content
-        return self.render(text, add_special_tokens=True)
+        return self.render(text, add_special_tokens=True, slots=slots or None)
 
     def policy_passages(self, passages: Sequence[str | Passage | CompressedChunks],
                         fraction: float) -> list[Passage | CompressedChunks]:

@@ -22,7 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .chunks import CompressedChunks
 from .config import ARCHITECTURE, ENCODER_TOKENIZER_DIR, MODALITY, RefragConfig, refrag_config_from_hf
-from .encoder import ChunkEncoder, tokenize_chunks
+from .embedder import ChunkEmbedder
+from .encoder import ChunkEncoder
 from .expansion_policy import ExpansionPolicy
 from .projector import ChunkProjector
 
@@ -51,31 +52,23 @@ class RefragReferenceModel(LlamaForCausalLM):
         return model
 
     # ---------------------------------------------------------- embedding
+    @property
+    def chunk_embedder(self) -> ChunkEmbedder:
+        """This model's encoder, encoder tokenizer and projector (shared, not copied)."""
+        return ChunkEmbedder(self.chunk_encoder, self.projector, self.encoder_tokenizer,
+                             self.refrag_config.encoder_max_tokens)
+
     def encode_texts(self, texts) -> torch.Tensor:
         """Chunk texts -> encoder vectors ``(n, encoder_hidden)``."""
-        input_ids, mask = tokenize_chunks(self.encoder_tokenizer, texts, self.refrag_config.encoder_max_tokens)
-        return self.chunk_encoder(input_ids.to(self.device), mask.to(self.device))
+        return self.chunk_embedder.encode(texts)
 
     def project_item(self, item: CompressedChunks) -> torch.Tensor:
         """One compressed-chunk item -> ``(num_chunks, hidden)`` decoder inputs."""
-        return self._project_items([item])[0]
+        return self.project_items([item])[0]
 
-    def _project_items(self, items: list[CompressedChunks]) -> list[torch.Tensor]:
+    def project_items(self, items: list[CompressedChunks]) -> list[torch.Tensor]:
         """Items -> ``[(num_chunks, hidden)]``; all text chunks go through ONE encoder call."""
-        texts = [t for item in items if item.kind == "text" for t in item.texts]
-        encoded = iter(self.encode_texts(texts).split(1) if texts else ())
-        dtype = self.projector.fc1.weight.dtype
-        out = []
-        for item in items:
-            if item.kind == "projected":
-                out.append(item.embeds.to(self.device, self.dtype))
-                continue
-            if item.kind == "encoder":
-                enc = item.embeds.to(self.device, dtype)
-            else:
-                enc = torch.cat([next(encoded) for _ in range(item.num_chunks)]).to(dtype)
-            out.append(self.projector(enc).to(self.dtype))
-        return out
+        return self.chunk_embedder.project_items(items, self.dtype)
 
     def embed_prompts(self, prompts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM-style prompt dicts -> ``inputs_embeds (B, T, hidden)``, ``attention_mask (B, T)``.
@@ -93,7 +86,7 @@ class RefragReferenceModel(LlamaForCausalLM):
             if n_placeholders != len(items):
                 raise ValueError(f"{n_placeholders} placeholder tokens for {len(items)} items")
             all_items += items
-        projected = iter(self._project_items(all_items))
+        projected = iter(self.project_items(all_items))
         embed = self.get_input_embeddings()
         rows: list[torch.Tensor] = []
         for prompt in prompts:

@@ -87,6 +87,32 @@ def test_text_passage_with_its_encoder_vectors(builder):
         builder.build(QUESTION, [Passage(text=PASSAGES[0], encoder_embeds=vectors * float("nan"))])
 
 
+
+def test_build_equals_the_markup_a_client_sends(builder):
+    """``build`` hands ``render`` its passages parsed (slots); the result is exactly what
+    the same request gives as marked text, as a client sends it (vectors through base64).
+    A client cannot name a slot."""
+    from refrag_vllm.prompt import Passage
+
+    chunks = builder.chunk_passage(PASSAGES[1])
+    passages = [PASSAGES[0],
+                CompressedChunks.from_projected_embeds(torch.randn(3, builder.decoder_hidden_size).to(torch.bfloat16)),
+                Passage(text=PASSAGES[1], expand=(0,), encoder_embeds=torch.randn(len(chunks), builder.cfg.encoder_hidden_size)),
+                "a <passage> & 1 < 2"]
+    built = builder.build(QUESTION + " <b>&amp;</b>", passages, system="Be brief.")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": builder.format_user_message(QUESTION + " <b>&amp;</b>", passages)}]
+    text = builder.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    sent = builder.render(text)
+    assert built["prompt_token_ids"] == sent["prompt_token_ids"]
+    a, b = built["multi_modal_data"]["refrag_chunk"], sent["multi_modal_data"]["refrag_chunk"]
+    assert [(i.kind, i.texts) for i in a] == [(i.kind, i.texts) for i in b]
+    assert [i.content_hash() for i in a] == [i.content_hash() for i in b]
+    with pytest.raises(ValueError, match="unknown field"):
+        builder.render('<passage slot="0"></passage>')
+    with pytest.raises(ValueError, match="width"):
+        builder.build(QUESTION, [CompressedChunks.from_projected_embeds(torch.zeros(2, 7))])
+
 def test_long_passage_split_into_bounded_items(builder):
     long = " ".join(PASSAGES * 40)
     prompt = builder.build(QUESTION, [long])
@@ -204,3 +230,24 @@ def test_vllm_version_outside_the_supported_range_is_refused(monkeypatch):
     monkeypatch.setenv("REFRAG_ALLOW_ANY_VLLM", "1")
     with pytest.warns(UserWarning, match="going on anyway"):
         check_vllm_version("0.40.0")
+
+
+def test_chunk_embedder_alone_equals_the_reference(tiny_ckpt, reference, builder):
+    """The encoder + projector loaded without the decoder (index, policy expander) give the
+    reference's vectors for every item kind, with text chunks in one encoder call."""
+    from refrag_vllm.embedder import ChunkEmbedder
+    from refrag_vllm.prompt import chunk_text
+
+    texts = [chunk_text(builder.tokenizer, c) for c in builder.chunk_passage(PASSAGES[0])]
+    alone = ChunkEmbedder.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        expected = reference.project_item(CompressedChunks.from_texts(texts))
+        assert torch.equal(alone.embed(texts), expected)
+        encoded = alone.encode(texts)
+        items = [CompressedChunks.from_texts(texts[:2]), CompressedChunks.from_encoder_embeds(encoded[2:]),
+                 CompressedChunks.from_projected_embeds(expected[:1]), CompressedChunks.from_texts(texts[2:])]
+        got = alone.project_items(items, torch.float32)
+    assert [g.shape[0] for g in got] == [2, len(texts) - 2, 1, len(texts) - 2]
+    assert torch.allclose(got[0], expected[:2]) and torch.allclose(got[3], expected[2:])
+    assert torch.allclose(got[1], expected[2:], atol=1e-6) and torch.equal(got[2], expected[:1])
+    assert ChunkEmbedder.from_pretrained(tiny_ckpt, with_projector=False).projector is None

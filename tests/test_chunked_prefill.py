@@ -6,6 +6,8 @@ import torch
 from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt):

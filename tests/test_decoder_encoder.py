@@ -64,12 +64,14 @@ def test_projector_standardizes_with_its_checkpoint_statistics(stack_models):
     assert not torch.allclose(projector.input_mean, torch.zeros_like(projector.input_mean))
 
 
+@pytest.mark.engine
 def test_text_chunks_match_reference(llm, stack_models):
     stack_reference, stack_builder = stack_models
     prompt = stack_builder.build(QUESTION, PASSAGES)
     assert_matches_reference(stack_reference, prompt, greedy(llm, [prompt])[0])
 
 
+@pytest.mark.engine
 def test_encoder_vectors_and_mixed_input_match_reference(llm, stack_models):
     stack_reference, stack_builder = stack_models
     texts = [stack_builder.tokenizer.decode(c) for c in stack_builder.chunk_passage(PASSAGES[1])]
@@ -83,6 +85,7 @@ def test_encoder_vectors_and_mixed_input_match_reference(llm, stack_models):
     assert result[0] == same_as_text[0]
 
 
+@pytest.mark.engine
 def test_prefix_cache_hit_matches_reference(llm, stack_models):
     stack_reference, stack_builder = stack_models
     prompt = stack_builder.build(QUESTION, [" ".join(PASSAGES) + " Cached once."])

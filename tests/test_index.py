@@ -5,45 +5,17 @@ is built for the tiny random checkpoint of the other tests.
 """
 
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 
+from real_text import question_for, real_passages
 from refrag_vllm.retrieval.index import (CHUNKS, META, PASSAGES, CacheMismatchError, CorpusError, IndexWriter,
                                PassageIndex, build_index, content_id, read_corpus)
 
 RETRIEVAL_TOP1_THRESHOLD = 0.8
 """A sentence taken from a passage must retrieve that passage first in >= 80% of cases."""
-
-
-def sentences(text):
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 8]
-
-
-def real_passages(n=120, stride=7):
-    """Docstrings of the Python standard library (real prose, offline), 40-120 words each:
-    every ``stride``-th one, so that many modules are represented, and none sharing a
-    sentence with another (each question names one right passage)."""
-    from refrag_vllm.retrieval.corpora import docstring_texts
-
-    out, seen, eligible = [], set(), 0
-    for doc in docstring_texts(min_words=40):
-        sents = sentences(doc)
-        if len(doc.split()) <= 120 and len(sents) >= 2 and not seen & set(sents):
-            eligible += 1
-            if eligible % stride == 0:
-                out.append(doc)
-                seen.update(sents)
-        if len(out) == n:
-            return out
-    raise AssertionError("not enough docstrings")
-
-
-def question_for(text):
-    """The passage's longest sentence after the first (docstrings often open alike)."""
-    return max(sentences(text)[1:], key=len)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +50,7 @@ def test_cache_rows_are_the_checkpoints_projection(index, reference, builder):
         text = index.records[row]["text"]
         texts = [chunk_text(builder.tokenizer, c) for c in builder.chunk_passage(text)]
         with torch.no_grad():
-            expected = reference._project_items([CompressedChunks.from_texts(texts)])[0].float()
+            expected = reference.project_items([CompressedChunks.from_texts(texts)])[0].float()
         cached = index.chunk_embeds(row)
         assert cached.shape == expected.shape == (len(texts), reference.config.hidden_size)
         torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,8 @@ from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_
 from refrag_vllm import CompressedChunks, Passage
 from refrag_vllm.chunk_cache import STATS_FILE_ENV
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def cache_stats_file(tmp_path_factory):
@@ -157,6 +159,15 @@ def test_qa_generation_answers_every_condition(llm, builder):
     assert all(isinstance(rec[c], str) for rec in records for c in CONDITIONS)
     assert content_recall("The capital is Paris, in France", "Paris is the capital of France.") == 1.0
     assert content_recall("Berlin", "Paris is the capital of France.") == 0.0
+    assert rows[0]["vs_no_passages"]["mean"] == 0.0 and rows[0]["vs_no_passages"]["wins"] == 0
+
+
+def test_paired_difference_by_hand():
+    from refrag_train.qa_generation import paired_difference
+
+    d = paired_difference([0.5, 0.25, 1.0, 0.0], [0.25, 0.25, 0.5, 0.5])
+    assert d["mean"] == 0.0625 and (d["wins"], d["losses"]) == (2, 1)
+    assert abs(d["se"] - (sum((x - 0.0625) ** 2 for x in [0.25, 0.0, 0.5, -0.5]) / 3 / 4) ** 0.5) < 1e-12
 
 
 def _cache_stats(path):

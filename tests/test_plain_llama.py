@@ -7,6 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import QUESTION, greedy, make_llm, shutdown_llm
 
+pytestmark = pytest.mark.engine
+
 PROMPTS = [QUESTION, "The quick brown fox", "Python lists are"]
 
 

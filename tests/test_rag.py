@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LOGPROB_ATOL, greedy, make_llm, shutdown_llm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTIONS = ["How do I read a file line by line?", "What does the decoder return?",
              "Which exception is raised on a timeout?"]
@@ -17,7 +17,7 @@ QUESTIONS = ["How do I read a file line by line?", "What does the decoder return
 
 @pytest.fixture(scope="module")
 def index(tiny_ckpt, tmp_path_factory):
-    from test_index import real_passages
+    from real_text import real_passages
 
     from refrag_vllm.retrieval.index import build_index
 
@@ -41,8 +41,8 @@ def _run(rag, mode):
 
 
 def test_cached_vectors_give_the_engine_output_of_the_in_engine_encoder(rag):
-    cached_prompts, hits = _run(rag, "refrag")
-    text_prompts, _ = _run(rag, "refrag-nocache")
+    cached_prompts, hits = _run(rag, "refrag-cached")
+    text_prompts, _ = _run(rag, "refrag")
     assert all(p["multi_modal_data"]["refrag_chunk"][0].kind == "projected" for p in cached_prompts)
     assert all(p["multi_modal_data"]["refrag_chunk"][0].kind == "text" for p in text_prompts)
     for a, b in zip(greedy(rag.llm, cached_prompts, 12), greedy(rag.llm, text_prompts, 12)):
@@ -55,15 +55,15 @@ def test_generate_in_each_mode(rag):
 
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     results = {m: rag.generate(QUESTIONS, top_k=3, mode=m, sampling_params=params)
-               for m in ("refrag", "refrag-nocache", "vanilla")}
+               for m in ("refrag-cached", "refrag", "vanilla")}
     for m, answers in results.items():
         assert [a.question for a in answers] == QUESTIONS
         assert all(len(a.passages) == 3 and len(a.token_ids) == 6 for a in answers)
     # same passages, k=16: compressed prompts take far fewer decoder positions
-    for r, v in zip(results["refrag"], results["vanilla"]):
+    for r, v in zip(results["refrag-cached"], results["vanilla"]):
         assert [h.id for h in r.passages] == [h.id for h in v.passages]
         assert r.positions * 4 < v.positions
-    assert [a.token_ids for a in results["refrag"]] == [a.token_ids for a in results["refrag-nocache"]]
+    assert [a.token_ids for a in results["refrag-cached"]] == [a.token_ids for a in results["refrag"]]
 
 
 def test_a_cache_for_another_checkpoint_is_refused(index, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from test_index import real_passages
+    from real_text import real_passages
 
     path = tmp_path_factory.mktemp("ray") / "docs.jsonl"
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(real_passages(60))))

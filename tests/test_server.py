@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from conftest import EXACT, LOGPROB_ATOL, PASSAGES, QUESTION, assert_server_serves, check_chat, marked, openai_client, serve_tiny, token_id
+from conftest import EXACT, LOGPROB_ATOL, PASSAGES, assert_server_serves, check_chat, marked, openai_client, serve_tiny, token_id
 from refrag_vllm import CompressedChunks, encode_embeds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 
 @pytest.fixture(scope="module")

@@ -418,7 +418,7 @@ def _write_dictd(folder):
 
 
 def test_gcide_entries_cleaned_and_definitions_found(tmp_path):
-    from refrag_train.gcide import clean_entry, first_definition, read_entries
+    from refrag_train.data.gcide import clean_entry, first_definition, read_entries
 
     _write_dictd(tmp_path / "dictd")
     entries = read_entries(tmp_path / "dictd")
@@ -435,7 +435,7 @@ def test_gcide_entries_cleaned_and_definitions_found(tmp_path):
 
 
 def test_prepare_gcide_writes_heldout_documents_and_questions(tmp_path):
-    from refrag_train.gcide import prepare_gcide
+    from refrag_train.data.gcide import prepare_gcide
 
     _write_dictd(tmp_path / "dictd")
     manifest = prepare_gcide(tmp_path / "out", tmp_path / "dictd", num_docs=2, min_chars=600, num_questions=10)

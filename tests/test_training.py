@@ -3,7 +3,6 @@
 import copy
 import json
 import math
-import random
 import re
 import shutil
 
@@ -89,6 +88,15 @@ def test_samples_start_with_bos_so_no_chunk_sits_at_the_attention_sink():
     assert sample.num_targets == 8
     old_layout = context_sample(tok, 999, ids, ids, 4, start=False)
     assert old_layout.prompt["prompt_token_ids"][0] == 999
+
+
+def test_config_keys_k_now_sets_are_dropped_or_refused():
+    """The policy's k is the served k: an older config's copy of it loads where it agrees."""
+    cfg = config_from_dict({"run": {"default_chunk_size": 8}, "policy_rl": {"chunk_size": 8},
+                            "eval": {"policy_chunk_size": 8}})
+    assert cfg.run.default_chunk_size == 8
+    with pytest.raises(ValueError, match="policy_rl.chunk_size = 16 is gone.*run.default_chunk_size"):
+        config_from_dict({"run": {"default_chunk_size": 8}, "policy_rl": {"chunk_size": 16}})
 
 
 def test_config_rejects_unknown_keys():
@@ -393,13 +401,14 @@ def test_policy_stage_runs_and_its_loss_goes_down_on_a_fixed_batch(tiny_cfg, bas
     # On one fixed batch of sampled actions and advantages, PPO steps lower the GRPO loss.
     pc = tiny_cfg.policy_rl
     contexts, continuations = policy_rl.make_inputs(model, corpus, 0)
-    embeds = policy_rl.chunk_embeddings(model, contexts, pc.chunk_size)
+    k = tiny_cfg.run.default_chunk_size
+    embeds = policy_rl.chunk_embeddings(model, contexts, k)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         logits = model.policy(embeds).repeat_interleave(pc.group_size, 0)
         actions, old = sample_expansions(logits, 2, generator=g)
     rewards = policy_rl.rewards_for(model, [c for c in contexts for _ in range(pc.group_size)],
-                                    [c for c in continuations for _ in range(pc.group_size)], actions, pc.chunk_size)
+                                    [c for c in continuations for _ in range(pc.group_size)], actions, k)
     adv = grpo_advantages(rewards.view(-1, pc.group_size)).view(-1)
     params = model.trainable(["policy"])
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -509,6 +518,7 @@ def test_export_writes_a_checkpoint_with_trained_heads(trained):
     assert sum(f.stat().st_size for f in delta.iterdir()) < 1_000_000
 
 
+@pytest.mark.engine
 def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
     from conftest import LOGPROB_ATOL, make_llm, shutdown_llm
     from vllm import SamplingParams

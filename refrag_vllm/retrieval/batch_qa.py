@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..modes import REFRAG_CACHED
 from .corpora import CorpusError, iter_jsonl
 
 
@@ -45,7 +46,7 @@ def _write(out: str | Path, records: Sequence[dict]) -> None:
     tmp.replace(out)
 
 
-def answer_file(rag, questions_path, out, *, top_k: int = 3, mode: str = "refrag", sampling_params=None) -> int:
+def answer_file(rag, questions_path, out, *, top_k: int = 3, mode: str = REFRAG_CACHED, sampling_params=None) -> int:
     """All questions in one offline batch on this process's engine."""
     questions = read_questions(questions_path)
     answers = rag.generate([q["question"] for q in questions], top_k, mode=mode,
@@ -76,7 +77,7 @@ class AnswerBatch:
 
 
 def answer_file_ray(index_dir, model_dir, questions_path, out, *, num_workers: int = 1, batch_size: int = 16,
-                    top_k: int = 3, mode: str = "refrag", max_tokens: int = 128, address: str | None = None,
+                    top_k: int = 3, mode: str = REFRAG_CACHED, max_tokens: int = 128, address: str | None = None,
                     engine_kwargs: dict | None = None) -> int:
     """The same with Ray Data: ``num_workers`` actors, each with its own engine."""
     import ray

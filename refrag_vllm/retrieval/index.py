@@ -154,20 +154,11 @@ class CacheProjector:
     """
 
     def __init__(self, model_dir: str | Path) -> None:
-        from ..checkpoint import load_tensors
-        from ..encoder import load_chunk_encoder
-        from ..projector import ChunkProjector
+        from ..embedder import ChunkEmbedder
         from ..prompt import RefragPromptBuilder
 
-        _, cfg = load_refrag_config(model_dir)
         self.builder = RefragPromptBuilder.from_pretrained(model_dir)
-        tensors = load_tensors(model_dir, ("chunk_encoder.", "projector."))
-        self.encoder, self.encoder_tokenizer = load_chunk_encoder(model_dir, cfg, tensors)
-        self.projector = ChunkProjector(cfg.projector)
-        self.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items()
-                                        if k.startswith("projector.")})
-        self.projector.to(next(self.encoder.parameters()).dtype).eval()
-        self.max_tokens = cfg.encoder_max_tokens
+        self.chunk_embedder = ChunkEmbedder.from_pretrained(model_dir)
 
     def chunk_texts(self, passage: str) -> list[str]:
         from ..prompt import chunk_text
@@ -177,13 +168,8 @@ class CacheProjector:
     @torch.no_grad()
     def project(self, passages: Sequence[str]) -> list[np.ndarray]:
         """Per passage, ``(num_chunks, hidden)`` float32 projected vectors."""
-        from ..encoder import tokenize_chunks
-
         texts = [self.chunk_texts(p) for p in passages]
-        flat = [t for ts in texts for t in ts]
-        ids, mask = tokenize_chunks(self.encoder_tokenizer, flat, self.max_tokens)
-        dtype = self.projector.fc1.weight.dtype
-        projected = self.projector(self.encoder(ids, mask).to(dtype)).float().numpy()
+        projected = self.chunk_embedder.embed([t for ts in texts for t in ts]).float().numpy()
         out, start = [], 0
         for ts in texts:
             out.append(projected[start : start + len(ts)])

@@ -1,10 +1,10 @@
 """Retrieve, compress, generate: ``RefragRAG(index, llm).generate(questions, top_k=3)``.
 
-Modes, on the same engine and decoder:
+Modes (:mod:`refrag_vllm.modes`), on the same engine and decoder:
 
-* ``refrag``          the passages' cached chunk vectors (no encoder work at query time);
-* ``refrag-nocache``  the passages' chunk text (the engine encodes it, through its chunk-vector cache);
-* ``vanilla``         the passages as plain tokens (vanilla RAG).
+* ``refrag-cached``  the passages' chunk vectors from the index's REFRAG cache (no encoder work at query time);
+* ``refrag``         the passages' chunk text (the engine encodes it, through its chunk-vector cache);
+* ``vanilla``        the passages as plain tokens (vanilla RAG).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from ..chunks import CompressedChunks
 from .index import Hit, PassageIndex, Retriever
+from ..modes import REFRAG, REFRAG_CACHED, VANILLA
 from ..prompt import RefragPromptBuilder
 
-MODES = ("refrag", "refrag-nocache", "vanilla")
+MODES = (REFRAG_CACHED, REFRAG, VANILLA)
 
 
 @dataclass
@@ -54,20 +55,20 @@ class RefragRAG:
     def retrieve(self, questions: Sequence[str], top_k: int = 3) -> list[list[Hit]]:
         return self.index.search(self.retriever.embed(questions), top_k)
 
-    def prompt(self, question: str, hits: Sequence[Hit], mode: str = "refrag") -> dict:
+    def prompt(self, question: str, hits: Sequence[Hit], mode: str = REFRAG_CACHED) -> dict:
         """The engine prompt for one question and its passages."""
-        if mode == "refrag":
+        if mode == REFRAG_CACHED:
             passages = [CompressedChunks.from_projected_embeds(self.index.chunk_embeds(h.row)) for h in hits]
             return self.builder.build(question, passages)
         texts = [h.text for h in hits]
-        if mode == "refrag-nocache":
+        if mode == REFRAG:
             return self.builder.build(question, texts)
-        if mode == "vanilla":
+        if mode == VANILLA:
             expand = [range(len(self.builder.chunk_passage(t))) for t in texts]
             return self.builder.build(question, texts, expand=expand)
         raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
 
-    def generate(self, questions: Sequence[str], top_k: int = 3, *, mode: str = "refrag", sampling_params=None,
+    def generate(self, questions: Sequence[str], top_k: int = 3, *, mode: str = REFRAG_CACHED, sampling_params=None,
                  use_tqdm: bool = False) -> list[RagAnswer]:
         """Answers for many questions in one offline batch."""
         from vllm import SamplingParams

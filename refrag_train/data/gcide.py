@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import write_jsonl
+from .records import write_jsonl
 
 GCIDE_DIR = Path("/usr/share/dictd")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
