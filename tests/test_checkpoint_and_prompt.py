@@ -248,6 +248,7 @@ def test_chunk_embedder_alone_equals_the_reference(tiny_ckpt, reference, builder
                  CompressedChunks.from_projected_embeds(expected[:1]), CompressedChunks.from_texts(texts[2:])]
         got = alone.project_items(items, torch.float32)
     assert [g.shape[0] for g in got] == [2, len(texts) - 2, 1, len(texts) - 2]
-    assert torch.allclose(got[0], expected[:2]) and torch.allclose(got[3], expected[2:])
-    assert torch.allclose(got[1], expected[2:], atol=1e-6) and torch.equal(got[2], expected[:1])
+    # Each item is projected on its own: a matmul over fewer rows may round differently.
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, [expected[:2], expected[2:], expected[:1], expected[2:]]))
+    assert torch.equal(got[2], expected[:1])
     assert ChunkEmbedder.from_pretrained(tiny_ckpt, with_projector=False).projector is None
