@@ -29,9 +29,10 @@ def add_profile_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, type={"float": float, "str": str}.get(f.type, int), default=None)
 
 
-def profile_from_args(args: argparse.Namespace, profile):
-    """A copy of the dataclass ``profile`` with every flag the command line set."""
-    cfg = dataclasses.replace(profile)
+def profile_from_args(args: argparse.Namespace, profiles: dict):
+    """A copy of ``profiles["quick"]`` (with ``--quick``) or ``profiles["default"]``, with
+    every flag the command line set."""
+    cfg = dataclasses.replace(profiles["quick" if args.quick else "default"])
     for f in dataclasses.fields(cfg):
         value = getattr(args, f.name)
         if value is not None:
@@ -40,7 +41,8 @@ def profile_from_args(args: argparse.Namespace, profile):
 
 
 def run_log(out: Path):
-    """``log(msg)``: print it and append it to ``out/log.txt``."""
+    """``log(msg)``: print it and append it to ``out/log.txt`` (``out`` is created)."""
+    out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "log.txt", "w")
 
     def log(msg: str) -> None:

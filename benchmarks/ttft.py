@@ -444,7 +444,7 @@ def machine() -> dict:
 def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
     p = profile_parser(__doc__, "folder for results.json / results.md / plots", "tiny sweep for CI: checks the harness, not timings", BenchConfig)
     args = p.parse_args(argv)
-    cfg = profile_from_args(args, PROFILES["quick" if args.quick else "default"])
+    cfg = profile_from_args(args, PROFILES)
     return args, cfg
 
 
@@ -454,7 +454,6 @@ def main(argv=None) -> dict:
 
     args, cfg = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = run_log(out)
     started = time.perf_counter()
     factory = RequestFactory(args.model, cfg.passage_tokens)

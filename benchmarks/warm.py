@@ -293,7 +293,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
     p = profile_parser(__doc__, "folder for warm.json / warm.md / warm_ttft.png", "tiny profile: checks the harness, not timings", WarmConfig)
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
     args = p.parse_args(argv)
-    cfg = profile_from_args(args, PROFILES["quick" if args.quick else "default"])
+    cfg = profile_from_args(args, PROFILES)
     unknown = set(args.conditions.split(",")) - set(CONDITIONS)
     if unknown:
         p.error(f"unknown condition(s) {sorted(unknown)}")
@@ -303,7 +303,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
 def main(argv=None) -> dict:
     args, cfg = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = run_log(out)
     started = time.perf_counter()
     messages = Messages(args.model, cfg)

@@ -6,14 +6,17 @@ import json
 from pathlib import Path
 
 
-def plot_training(run_dir: str | Path, out_png: str | Path, stages=("reconstruction", "reading", "cpt", "policy", "sft")) -> Path:
+def plot_training(run_dir: str | Path, out_png: str | Path, stages=None) -> Path:
+    """``stages``: the panels, in order (default: every stage of the recipe)."""
     import matplotlib
+
+    from .cli import STAGES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    present = [s for s in stages if (run_dir / s / "metrics.jsonl").exists()]
+    present = [s for s in stages or STAGES if (run_dir / s / "metrics.jsonl").exists()]
     if not present:
         raise FileNotFoundError(f"{run_dir}: no stage metrics to plot")
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)

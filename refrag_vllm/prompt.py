@@ -293,11 +293,8 @@ class RefragPromptBuilder:
             raise ValueError(f"passage {index}: expand and encoder apply to text passages only")
         if not body.strip():
             raise ValueError(f"passage {index} is empty")
-        width = self.cfg.encoder_hidden_size if fmt == "encoder" else self.decoder_hidden_size
-        embeds = check_embeds(
-            decode_embeds(body), width=width, what=f"passage {index} ({fmt} embeddings)"
-        )
-        return Passage(chunks=CompressedChunks(kind=fmt, embeds=embeds))
+        # Shape, dtype and finiteness are checked with every vector passage, in _passage_pieces.
+        return Passage(chunks=CompressedChunks(kind=fmt, embeds=decode_embeds(body)))
 
     # ---------------------------------------------------------------- public
     @cached_property

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chunks import CompressedChunks
-from .index import Hit, PassageIndex, Retriever
 from ..modes import REFRAG, REFRAG_CACHED, VANILLA
 from ..prompt import RefragPromptBuilder
+from .index import Hit, PassageIndex, Retriever
 
 MODES = (REFRAG_CACHED, REFRAG, VANILLA)
 
