@@ -3,6 +3,7 @@
     refrag-train prepare --out data/python-docs
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
     refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
+    refrag-train prepare --domain fortunes --out data/fortunes  # general English, extra training prose
     refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
     refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
@@ -51,6 +52,11 @@ def cmd_prepare(args) -> None:
         from .data.gcide import GCIDE_DIR, prepare_gcide
 
         manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
+    elif args.domain == "fortunes":
+        from .data.fortunes import FORTUNES_DIR, prepare_fortunes
+
+        manifest = prepare_fortunes(args.out, source=args.source or FORTUNES_DIR,
+                                    heldout_fraction=args.heldout_fraction, seed=args.seed)
     else:
         from .data import EXCLUDED_DIRS, LINUX_DOC_EXCLUDED_DIRS, LINUX_DOC_SOURCES, prepare
 
@@ -210,12 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs "
                                        "(or a held-out second domain)")
     p.add_argument("--out", default="data/python-docs")
-    p.add_argument("--domain", choices=("python-docs", "linux-doc", "gcide"), default="python-docs",
+    p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide"), default="python-docs",
                    help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
+                        "extra training prose; fortunes: general English (apt-get install fortunes), "
                         "extra training prose; gcide: English dictionary prose (apt-get install "
                         "dict-gcide), evaluation only")
     p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
-                                                  "or with --domain gcide the dictd folder")
+                                                  "or with --domain gcide/fortunes their data folder")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--max-train-chars", type=int, default=None,
                    help="keep about this many characters of training documents (a hash-ordered spread)")

@@ -447,3 +447,36 @@ def test_prepare_gcide_writes_heldout_documents_and_questions(tmp_path):
     for q in qa:
         word = q["question"].split('"')[1]
         assert len(q["passages"]) == 3 and sum(p.startswith(word + ",") for p in q["passages"]) >= 1
+
+
+FORTUNES = {  # the package's format: one fortune per block, a line holding "%" between blocks
+    "literature": "A classic is something that everyone wants to have read\nand nobody wants to read.\n"
+                  "\t\t-- Mark Twain, \"The Disappearance of Literature\"\n%\n"
+                  "A horse!  A horse!  My kingdom for a horse!\n\t\t-- Wm. Shakespeare, \"Richard III\"\n%\n"
+                  "\n%\nA light wife doth make a heavy husband.\n\t\t-- Wm. Shakespeare, \"The Merchant of Venice\"\n",
+    "science": "Research is what I'm doing when I don't know what I'm doing.\n\t\t-- Wernher von Braun\n%\n",
+    "definitions": "Bore, n.:\n\tA person who talks when you wish him to listen.\n\t\t-- Ambrose Bierce\n%\n",
+}
+
+
+def test_prepare_fortunes_groups_categories_and_splits_by_hash(tmp_path):
+    from refrag_train.data.fortunes import prepare_fortunes, read_fortunes
+
+    source = tmp_path / "fortunes"
+    source.mkdir()
+    for name, text in FORTUNES.items():
+        (source / name).write_text(text)
+        (source / f"{name}.dat").write_bytes(b"\x00\x00\x00\x02")  # strfile's index: not a category
+        (source / f"{name}.u8").symlink_to(name)
+    assert read_fortunes(source / "literature")[1] == ("A horse!  A horse!  My kingdom for a horse!\n"
+                                                       "\t\t-- Wm. Shakespeare, \"Richard III\"")
+    assert len(read_fortunes(source / "literature")) == 3  # the empty block is dropped
+    manifest = prepare_fortunes(tmp_path / "out", source, min_chars=100, heldout_fraction=0.5)
+    docs = read_jsonl(tmp_path / "out" / "train.jsonl", ("id", "text")) + \
+        read_jsonl(tmp_path / "out" / "heldout.jsonl", ("id", "text"))
+    # "definitions" is excluded (the dictionary is the held-out domain); 2 literature documents of >= 100 chars
+    assert sorted(d["id"] for d in docs) == ["fortunes/literature/0", "fortunes/literature/1", "fortunes/science/0"]
+    assert docs and all("Bierce" not in d["text"] and "%" not in d["text"] for d in docs)
+    heldout = {d["id"] for d in read_jsonl(tmp_path / "out" / "heldout.jsonl", ("id", "text"))}
+    assert heldout == {d["id"] for d in docs if is_heldout(d["id"], 0.5)}
+    assert manifest["splits"]["train"]["docs"] + manifest["splits"]["heldout"]["docs"] == 3
