@@ -172,7 +172,7 @@ def _rate(after: dict, before: dict, hits: str, total: str | None = None, misses
 
 def server_flags(cfg: WarmConfig) -> list[str]:
     """The README's serve flags (vLLM defaults otherwise), plus client-sent vectors allowed."""
-    from refrag_vllm.cli import SIZE_LIMIT_MIDDLEWARE
+    from refrag_vllm.middleware import SIZE_LIMIT_MIDDLEWARE
 
     flags = ["--max-model-len", str(cfg.max_model_len), "--skip-mm-profiling",
              "--kv-cache-memory-bytes", cfg.kv_cache_bytes, "--middleware", SIZE_LIMIT_MIDDLEWARE,

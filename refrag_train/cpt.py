@@ -19,7 +19,7 @@ from pathlib import Path
 from .curriculum import curriculum_batches
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
 from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample
-from .trainer import Stage, run_supervised, step_rng
+from .trainer import Stage, distill_loss, nll_loss, step_rng
 
 NAME = "cpt"
 
@@ -79,11 +79,21 @@ def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_m
     groups = (["projector"] + ([DECODER_LORA] if c.train_decoder else [])
               + ([ENCODER_LORA] if c.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup, use_mlflow=use_mlflow)
-    teacher = model.frozen_copy(None) if c.distill_weight else None  # the base decoder
-    return run_supervised(
-        stage,
-        lambda step: make_batch(model, corpus, steps, step),
-        lambda step: {"curriculum_stage": steps[step].stage, "num_chunks": steps[step].num_chunks,
-                      "k": steps[step].chunk_size},
-        teacher=teacher, distill=("paragraph", c.distill_weight) if c.distill_weight else None,
-    )
+    teacher = model.frozen_copy(None).refrag if c.distill_weight else None  # the base decoder
+    for step in stage.steps():
+        batch = make_batch(model, corpus, steps, step)
+        if teacher is None:  # one NLL over all target tokens
+            losses = {"": nll_loss(model.refrag, batch)}
+        else:  # reconstruction samples by NLL, next-paragraph samples by KL from the teacher
+            losses = {}
+            if batch["reconstruction"]:
+                losses["reconstruction"] = nll_loss(model.refrag, batch["reconstruction"])
+            if batch["paragraph"]:
+                losses["paragraph_kl"] = c.distill_weight * distill_loss(model.refrag, teacher, batch["paragraph"])
+        loss = sum(losses.values())
+        b = steps[step]
+        parts = {f"loss_{name}": v.item() for name, v in losses.items() if name}
+        stage.log(step, loss=loss.item(), **stage.update(step, loss), **parts, curriculum_stage=b.stage,
+                  num_chunks=b.num_chunks, k=b.chunk_size)
+        stage.checkpoint(step)
+    return stage.finish()

@@ -13,13 +13,7 @@ from pathlib import Path
 
 import torch
 
-from refrag_vllm.expansion_policy import (
-    grpo_advantages,
-    grpo_loss,
-    num_expanded,
-    sample_expansions,
-    sequence_logprob,
-)
+from refrag_vllm.expansion_policy import num_expanded, sample_expansions, sequence_logprob
 from refrag_vllm.prompt import chunk_text
 
 from .model import TrainingModel
@@ -27,6 +21,25 @@ from .samples import TokenCorpus, context_sample, split_chunks
 from .trainer import Stage, step_rng
 
 NAME = "policy"
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages: ``rewards (B, G)`` -> ``(r - mean_g r) / (std_g r + eps)``.
+
+    ``std`` is the population standard deviation over the G samples of one input.
+    """
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(
+    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
+) -> torch.Tensor:
+    """PPO-clipped surrogate, negated for minimisation (all inputs the same shape)."""
+    ratio = torch.exp(new_logprob - old_logprob)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return -torch.minimum(ratio * advantages, clipped * advantages).mean()
 
 
 @torch.no_grad()
@@ -65,25 +78,22 @@ def train_policy(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, us
     if picks == 0:
         raise ValueError(f"policy_rl: expand_fraction {pc.expand_fraction} of {pc.context_chunks} chunks picks none")
     stage = Stage(NAME, run_dir, model, ["policy"], pc.steps, pc.lr, 0.04, use_mlflow=use_mlflow)
-    model.train(False)
-    with stage.progress() as bar:
-        while stage.step < stage.total_steps:
-            contexts, continuations = make_inputs(model, corpus, stage.step)
-            embeds = chunk_embeddings(model, contexts, k)  # (B, L, d_enc)
-            generator = torch.Generator().manual_seed(model.cfg.run.seed * 100003 + stage.step)
-            with torch.no_grad():
-                logits = model.policy(embeds).repeat_interleave(G, 0)  # (B*G, L)
-                actions, old_logprob = sample_expansions(logits, picks, generator=generator)
-            rewards = rewards_for(model, [c for c in contexts for _ in range(G)],
-                                  [c for c in continuations for _ in range(G)], actions, k)
-            advantages = grpo_advantages(rewards.view(-1, G)).view(-1)
-            lr = stage.set_lr()
-            for _ in range(pc.ppo_epochs):
-                new_logprob = sequence_logprob(model.policy(embeds).repeat_interleave(G, 0), actions)
-                loss = grpo_loss(new_logprob, old_logprob, advantages, pc.clip_eps)
-                loss.backward()
-                grad_norm = stage.apply_gradients()
-            group_spread = rewards.view(-1, G).std(1).mean()
-            stage.end_step(bar, loss=loss.item(), reward=float(rewards.mean()), lr=lr,
-                           reward_group_std=float(group_spread), grad_norm=grad_norm)
+    for step in stage.steps():
+        contexts, continuations = make_inputs(model, corpus, step)
+        embeds = chunk_embeddings(model, contexts, k)  # (B, L, d_enc)
+        generator = torch.Generator().manual_seed(model.cfg.run.seed * 100003 + step)
+        with torch.no_grad():
+            logits = model.policy(embeds).repeat_interleave(G, 0)  # (B*G, L)
+            actions, old_logprob = sample_expansions(logits, picks, generator=generator)
+        rewards = rewards_for(model, [c for c in contexts for _ in range(G)],
+                              [c for c in continuations for _ in range(G)], actions, k)
+        advantages = grpo_advantages(rewards.view(-1, G)).view(-1)
+        for _ in range(pc.ppo_epochs):
+            new_logprob = sequence_logprob(model.policy(embeds).repeat_interleave(G, 0), actions)
+            loss = grpo_loss(new_logprob, old_logprob, advantages, pc.clip_eps)
+            update = stage.update(step, loss)
+        group_spread = rewards.view(-1, G).std(1).mean()
+        stage.log(step, loss=loss.item(), reward=float(rewards.mean()), reward_group_std=float(group_spread),
+                  **update)
+        stage.checkpoint(step)
     return stage.finish()

@@ -17,7 +17,7 @@ from pathlib import Path
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
 from .reconstruction import reconstruction_batch
 from .samples import TokenCorpus
-from .trainer import Stage, run_supervised, step_rng
+from .trainer import Stage, nll_loss, step_rng
 
 NAME = "reading"
 
@@ -33,4 +33,8 @@ def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, u
     c = model.cfg.reading
     groups = ["projector", DECODER_LORA] + ([ENCODER_LORA] if c.train_encoder else [])
     stage = Stage(NAME, run_dir, model, groups, c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
-    return run_supervised(stage, lambda step: make_batch(model, corpus, step))
+    for step in stage.steps():
+        loss = nll_loss(model.refrag, make_batch(model, corpus, step))
+        stage.log(step, loss=loss.item(), **stage.update(step, loss))
+        stage.checkpoint(step)
+    return stage.finish()

@@ -16,7 +16,7 @@ from refrag_vllm.prompt import chunk_text
 from .curriculum import curriculum_batches
 from .model import ENCODER_LORA, TrainingModel
 from .samples import TokenCorpus, reconstruction_sample
-from .trainer import Stage, run_supervised, step_rng
+from .trainer import Stage, nll_loss, step_rng
 
 NAME = "reconstruction"
 
@@ -40,6 +40,7 @@ def reconstruction_batch(model: TrainingModel, corpus: TokenCorpus, rng, num_chu
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
+    """Step ``step`` of the plan ``steps``: its reconstruction samples."""
     b = steps[step]
     return reconstruction_batch(model, corpus, step_rng(model.cfg.run.seed, NAME, step), b.num_chunks,
                                 b.chunk_size, b.batch_size)
@@ -59,15 +60,16 @@ def measure_projector_inputs(model: TrainingModel, corpus: TokenCorpus, num_chun
 
 
 def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
+    rc = model.cfg.reconstruction
     steps = plan(model)
-    groups = ["projector"] + ([ENCODER_LORA] if model.cfg.reconstruction.train_encoder else [])
-    stage = Stage(NAME, run_dir, model, groups, len(steps),
-                  model.cfg.reconstruction.lr, model.cfg.reconstruction.warmup, use_mlflow=use_mlflow)
+    groups = ["projector"] + ([ENCODER_LORA] if rc.train_encoder else [])
+    stage = Stage(NAME, run_dir, model, groups, len(steps), rc.lr, rc.warmup, use_mlflow=use_mlflow)
     if stage.step == 0 and not stage.finished and model.refrag.projector.standardize_inputs:
         measure_projector_inputs(model, corpus)
-    return run_supervised(
-        stage,
-        lambda step: make_batch(model, corpus, steps, step),
-        lambda step: {"curriculum_stage": steps[step].stage, "num_chunks": steps[step].num_chunks,
-                      "k": steps[step].chunk_size},
-    )
+    for step in stage.steps():
+        loss = nll_loss(model.refrag, make_batch(model, corpus, steps, step))
+        b = steps[step]
+        stage.log(step, loss=loss.item(), **stage.update(step, loss), curriculum_stage=b.stage,
+                  num_chunks=b.num_chunks, k=b.chunk_size)
+        stage.checkpoint(step)
+    return stage.finish()

@@ -19,7 +19,7 @@ from refrag_vllm.prompt import RefragPromptBuilder
 from .cpt import next_paragraph_sample
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
 from .samples import TokenCorpus, qa_sample
-from .trainer import Stage, run_supervised, step_rng
+from .trainer import Stage, distill_loss, group_nll_losses, nll_loss, step_rng
 
 NAME = "sft"
 
@@ -64,14 +64,23 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus:
         raise ValueError("sft: no QA examples")
     if sc.replay_batch_size and corpus is None:
         raise ValueError("sft: replay_batch_size needs the training corpus")
-    distill = None
-    if sc.replay_distill:
-        if not sc.replay_batch_size or teacher_delta is None:
-            raise ValueError("sft: replay_distill needs replay_batch_size > 0 and the previous stage's weights")
-        distill = ("replay", sc.replay_distill)
+    if sc.replay_distill and (not sc.replay_batch_size or teacher_delta is None):
+        raise ValueError("sft: replay_distill needs replay_batch_size > 0 and the previous stage's weights")
     groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
               + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
-    teacher = model.frozen_copy(teacher_delta) if distill else None
-    return run_supervised(stage, lambda step: make_batch(model, examples, step, corpus),
-                          teacher=teacher, distill=distill)
+    teacher = model.frozen_copy(teacher_delta).refrag if sc.replay_distill else None
+    for step in stage.steps():
+        batch = make_batch(model, examples, step, corpus)
+        if not sc.replay_batch_size:
+            losses = {"": nll_loss(model.refrag, batch)}
+        elif teacher is None:  # each group's mean NLL, from one forward pass
+            losses = dict(zip(batch, group_nll_losses(model.refrag, list(batch.values()))))
+        else:  # the answers by NLL, the replayed CPT samples by KL from the model as it entered SFT
+            losses = {"qa": nll_loss(model.refrag, batch["qa"]),
+                      "replay_kl": sc.replay_distill * distill_loss(model.refrag, teacher, batch["replay"])}
+        loss = sum(losses.values())
+        parts = {f"loss_{name}": v.item() for name, v in losses.items() if name}
+        stage.log(step, loss=loss.item(), **stage.update(step, loss), **parts)
+        stage.checkpoint(step)
+    return stage.finish()

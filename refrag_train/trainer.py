@@ -7,7 +7,15 @@ A stage writes into ``RUN_DIR/<stage>/``:
     final/            the stage's delta when it finished (the next stage starts from it)
 
 Step ``i``'s data comes from ``step_rng(seed, stage, i)``, so a resumed stage sees
-exactly the batches an uninterrupted one would have.
+exactly the batches an uninterrupted one would have. Every stage's loop reads the same way:
+
+    stage = Stage(NAME, run_dir, model, groups, total_steps, lr, warmup)
+    for step in stage.steps():                  # resumes after the last save; progress bar
+        batch = make_batch(..., step_rng(seed, NAME, step))
+        loss = nll_loss(model.refrag, batch)
+        stage.log(step, loss=loss.item(), **stage.update(step, loss))   # backward, clip, AdamW
+        stage.checkpoint(step)                  # last/ every run.save_every steps
+    return stage.finish()                       # final/
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from refrag_vllm.reference import RefragReferenceModel
 
 from .model import TrainingModel
 
@@ -94,14 +104,15 @@ class Stage:
         self.peak_lr, self.warmup = peak_lr, warmup
         self.dir = run_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
+        model.train(False)  # no dropout in any stage: losses are comparable across steps and with evaluation
         self.params = model.trainable(groups)
         if not self.params:
             raise ValueError(f"stage {name}: nothing to train in groups {groups}")
         self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.step = 0
         self._clock, self._elapsed_before = time.monotonic(), 0.0
-        self.log = MetricsLog(self.dir / "metrics.jsonl", use_mlflow=use_mlflow,
-                              run_name=f"{run_dir.name}/{name}", params=model.cfg.to_dict())
+        self.log_file = MetricsLog(self.dir / "metrics.jsonl", use_mlflow=use_mlflow,
+                                   run_name=f"{run_dir.name}/{name}", params=model.cfg.to_dict())
         self.save_every = model.cfg.run.save_every
         self.log_every = model.cfg.run.log_every
         self._resume()
@@ -123,7 +134,7 @@ class Stage:
         self.optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
         self.step = int(state["step"])
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.log.drop_after(self.step)
+        self.log_file.drop_after(self.step)
         print(f"[{self.name}] resuming at step {self.step}/{self.total_steps}")
 
     def save(self, where: Path) -> None:
@@ -142,89 +153,72 @@ class Stage:
         after a crash are not counted twice)."""
         return self._elapsed_before + time.monotonic() - self._clock
 
-    def set_lr(self) -> float:
-        lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup)
+    def steps(self):
+        """The step indices still to run, from where the last save left off, with a progress bar.
+        A step counts as done once the loop body for it has returned."""
+        with tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
+                  dynamic_ncols=True) as self._bar:
+            for step in range(self.step, self.total_steps):
+                yield step
+                self.step = step + 1
+                self._bar.update(1)
+
+    def update(self, step: int, loss: torch.Tensor, max_norm: float = 1.0) -> dict[str, float]:
+        """One optimiser step on ``loss`` at step ``step``'s learning rate: backward, clip the
+        gradient norm to ``max_norm``, AdamW. Returns ``{"lr", "grad_norm"}`` for the log."""
+        lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return lr
-
-    def apply_gradients(self, max_norm: float = 1.0) -> float:
+        loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return {"lr": lr, "grad_norm": grad_norm}
 
-    def progress(self) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True)
+    def log(self, step: int, **metrics: float) -> None:
+        """Show ``loss``/``reward`` on the progress bar; every ``run.log_every`` steps (and at
+        the last) append ``metrics`` to ``metrics.jsonl`` as step ``step + 1``."""
+        self._bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "reward")})
+        done = step + 1
+        if done % self.log_every == 0 or done == self.total_steps:
+            self.log_file.log(done, **metrics)
 
-    def end_step(self, bar: tqdm, **metrics: float) -> None:
-        self.step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "reward")})
-        if self.step % self.log_every == 0 or self.step == self.total_steps:
-            self.log.log(self.step, **metrics)
-        if self.step % self.save_every == 0 and self.step < self.total_steps:
+    def checkpoint(self, step: int) -> None:
+        """Every ``run.save_every`` steps, save ``last/`` (weights, optimiser, step) to resume from."""
+        done = step + 1
+        if done % self.save_every == 0 and done < self.total_steps:
+            self.step = done
             self.save(self.dir / "last")
 
     def finish(self) -> Path:
         self.save(self.final_dir)
         shutil.rmtree(self.dir / "last", ignore_errors=True)
-        self.log.close()
+        self.log_file.close()
         return self.final_dir
 
 
-def nll_loss(model: TrainingModel, samples) -> torch.Tensor:
-    """Mean negative log-likelihood of all samples' target tokens (the shared scoring path)."""
-    return group_nll_losses(model, [samples])[0]
+def nll_loss(refrag: RefragReferenceModel, samples) -> torch.Tensor:
+    """Mean negative log-likelihood of all samples' target tokens, ``()`` (the shared scoring path)."""
+    return group_nll_losses(refrag, [samples])[0]
 
 
-def group_nll_losses(model: TrainingModel, groups) -> list[torch.Tensor]:
+def group_nll_losses(refrag: RefragReferenceModel, groups) -> list[torch.Tensor]:
     """Each group's mean target NLL, ``[()]``, from one forward pass over all groups' samples."""
     samples = [s for g in groups for s in g]
     if not samples:
         return []
-    logprobs = iter(model.refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples]))
+    logprobs = iter(refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples]))
     return [-torch.cat([next(logprobs) for _ in g]).mean() for g in groups]
 
 
-def distill_loss(model: TrainingModel, teacher: TrainingModel, samples) -> torch.Tensor:
-    """Mean over all target positions of KL(teacher || model) between next-token
-    distributions, ``()``: how far ``model`` is from ``teacher`` on ``samples``.  The teacher
+def distill_loss(refrag: RefragReferenceModel, teacher: RefragReferenceModel, samples) -> torch.Tensor:
+    """Mean over all target positions of KL(teacher || refrag) between next-token
+    distributions, ``()``: how far ``refrag`` is from ``teacher`` on ``samples``.  The teacher
     reads each sample's ``teacher_prompt`` where it has one (e.g. the context as raw tokens)."""
     prompts, num = [s.prompt for s in samples], [s.num_targets for s in samples]
     teacher_prompts = [s.teacher_prompt or s.prompt for s in samples]
     with torch.no_grad():
-        teacher_logits = torch.cat(teacher.refrag.target_logits(teacher_prompts, num))  # (T, vocab)
+        teacher_logits = torch.cat(teacher.target_logits(teacher_prompts, num))  # (T, vocab)
         teacher_lp = torch.log_softmax(teacher_logits, -1)
-    student_lp = torch.log_softmax(torch.cat(model.refrag.target_logits(prompts, num)), -1)
+    student_lp = torch.log_softmax(torch.cat(refrag.target_logits(prompts, num)), -1)
     return torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="batchmean")
-
-
-def run_supervised(stage: Stage, make_batch, describe=lambda step: {}, *, teacher: TrainingModel | None = None,
-                   distill: tuple[str, float] | None = None) -> Path:
-    """The loop of every next-token stage: batch, loss, backward, clip, AdamW, log, save.
-
-    ``make_batch(step)`` returns that step's samples (a pure function of the step), or a
-    dict ``{name: samples}``: the loss is then the sum of each group's mean NLL, and each
-    group's mean is logged as ``loss_<name>``.  With ``distill=(name, weight)`` that group
-    is scored by ``weight * distill_loss`` against the frozen ``teacher`` instead, logged
-    as ``loss_<name>_kl``.
-    """
-    model = stage.model
-    model.train(False)  # no dropout: losses are comparable across steps and with evaluation
-    with stage.progress() as bar:
-        while stage.step < stage.total_steps:
-            batch = make_batch(stage.step)
-            groups = batch if isinstance(batch, dict) else {"": batch}
-            lr = stage.set_lr()
-            nll_groups = {k: v for k, v in groups.items() if v and (distill is None or k != distill[0])}
-            losses = dict(zip(nll_groups, group_nll_losses(model, list(nll_groups.values()))))
-            if distill is not None and groups.get(distill[0]):
-                name, weight = distill
-                losses[f"{name}_kl"] = weight * distill_loss(model, teacher, groups[name])
-            loss = sum(losses.values())
-            loss.backward()
-            grad_norm = stage.apply_gradients()
-            parts = {f"loss_{name}": v.item() for name, v in losses.items()} if len(groups) > 1 else {}
-            stage.end_step(bar, loss=loss.item(), lr=lr, grad_norm=grad_norm, **parts, **describe(stage.step))
-    return stage.finish()

@@ -8,13 +8,9 @@ import sys
 from pathlib import Path
 
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
-from .middleware import RequestSizeLimit
+from .middleware import SIZE_LIMIT_MIDDLEWARE
 from .modes import REFRAG_CACHED
 from .retrieval.rag import MODES as RAG_MODES
-
-SIZE_LIMIT_MIDDLEWARE = f"{RequestSizeLimit.__module__}.{RequestSizeLimit.__qualname__}"
-"""``refrag-vllm serve`` refuses oversized bodies before vLLM parses them (:mod:`.middleware`)."""
-
 
 def cmd_positions(args) -> None:
     from .prompt import RefragPromptBuilder

@@ -3,9 +3,8 @@
 Paper, section A.1: a two-layer transformer over the chunk embeddings ``c_i``
 gives one logit per chunk, computed once.  ``T' = round(p * L)`` chunks are then
 picked one after another with pointer-network masking (a picked chunk's logit
-becomes ``-inf``), so no chunk is picked twice.  It is trained GRPO-style
-(:func:`grpo_advantages`, :func:`grpo_loss`) with reward
-``-log-perplexity`` of the continuation under the mixed input.
+becomes ``-inf``), so no chunk is picked twice.  It is trained GRPO-style, with reward
+``-log-perplexity`` of the continuation under the mixed input (``refrag_train.policy_rl``).
 
 At inference :func:`choose_expansions` picks greedily; the expansion fraction
 ``p`` is a parameter there too.
@@ -104,25 +103,6 @@ def sequence_logprob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tenso
         total = total + torch.log_softmax(masked, -1).gather(1, a).squeeze(1)
         masked = masked.scatter(1, a, float("-inf"))
     return total
-
-
-def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages: ``rewards (B, G)`` -> ``(r - mean_g r) / (std_g r + eps)``.
-
-    ``std`` is the population standard deviation over the G samples of one input.
-    """
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
-
-
-def grpo_loss(
-    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
-) -> torch.Tensor:
-    """PPO-clipped surrogate, negated for minimisation (all inputs the same shape)."""
-    ratio = torch.exp(new_logprob - old_logprob)
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    return -torch.minimum(ratio * advantages, clipped * advantages).mean()
 
 
 @torch.no_grad()

@@ -88,6 +88,10 @@ class RequestSizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+SIZE_LIMIT_MIDDLEWARE = f"{RequestSizeLimit.__module__}.{RequestSizeLimit.__qualname__}"
+"""What ``vllm serve --middleware`` takes to install :class:`RequestSizeLimit`."""
+
+
 async def _drain(receive, last: dict | None = None) -> None:
     """Read and drop the rest of a request body."""
     message = last

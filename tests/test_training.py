@@ -13,15 +13,9 @@ from conftest import PASSAGES
 
 from refrag_train.config import CurriculumConfig, config_from_dict, load_config
 from refrag_train.curriculum import curriculum_batches, geometric_counts, stage_counts
-from refrag_vllm.expansion_policy import (
-    ExpansionPolicy,
-    choose_expansions,
-    grpo_advantages,
-    grpo_loss,
-    sample_expansions,
-    sequence_logprob,
-)
+from refrag_train.policy_rl import grpo_advantages, grpo_loss
 from refrag_vllm.config import PolicyConfig
+from refrag_vllm.expansion_policy import ExpansionPolicy, choose_expansions, sample_expansions, sequence_logprob
 
 # ------------------------------------------------------------------ curriculum
 
@@ -214,7 +208,7 @@ def _loss_on(model, samples):
     from refrag_train.trainer import nll_loss
 
     with torch.no_grad():
-        return nll_loss(model, samples).item()
+        return nll_loss(model.refrag, samples).item()
 
 
 def test_cpt_mixes_in_reconstruction_samples(tiny_cfg, base_ckpt):
@@ -334,14 +328,15 @@ def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, ba
     start = model.save_delta(tmp_path / "start")
     replay = sft.make_batch(model, _qa_examples(), 0, corpus)["replay"]
     with torch.no_grad():
-        assert distill_loss(model, model.frozen_copy(start), replay).item() == pytest.approx(0.0, abs=1e-6)
+        teacher = model.frozen_copy(start).refrag
+        assert distill_loss(model.refrag, teacher, replay).item() == pytest.approx(0.0, abs=1e-6)
     sft.train_sft(model, _qa_examples(), tmp_path, corpus, teacher_delta=start)
     log = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["loss_replay_kl"] == pytest.approx(0.0, abs=1e-6)
     assert all(r["loss_replay_kl"] > 0 for r in log[1:])
     assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_replay_kl"], rel_tol=1e-5) for r in log)
     with torch.no_grad():
-        assert distill_loss(model, model.frozen_copy(start), replay).item() > 0
+        assert distill_loss(model.refrag, teacher, replay).item() > 0
 
 
 def test_cpt_distills_the_base_decoder_reading_the_context_raw(tiny_cfg, base_ckpt, tmp_path):
@@ -368,12 +363,12 @@ def test_cpt_distills_the_base_decoder_reading_the_context_raw(tiny_cfg, base_ck
         assert len(raw["prompt_token_ids"]) > len(sample.prompt["prompt_token_ids"])
     assert all(s.teacher_prompt is None for b in batches for s in b["reconstruction"])
     fixed = paragraphs[:4]
-    teacher = model.frozen_copy(None)
+    teacher = model.frozen_copy(None).refrag
     with torch.no_grad():
-        before = distill_loss(model, teacher, fixed).item()
+        before = distill_loss(model.refrag, teacher, fixed).item()
     cpt.train_cpt(model, corpus, tmp_path)
     with torch.no_grad():
-        after = distill_loss(model, teacher, fixed).item()
+        after = distill_loss(model.refrag, teacher, fixed).item()
     assert after < before, (before, after)
     log = [json.loads(line) for line in (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_paragraph_kl" in r for r in log)

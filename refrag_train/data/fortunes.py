@@ -15,11 +15,10 @@ dictionary is the held-out domain, :mod:`.gcide`), and text in need of translati
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from .records import is_heldout, write_jsonl
+from .records import is_heldout, write_prepared
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 EXCLUDED_CATEGORIES = ("art", "ascii-art", "definitions", "translate-me")
@@ -67,21 +66,14 @@ def prepare_fortunes(out_dir: str | Path, source: str | Path = FORTUNES_DIR, *, 
             for doc in group_documents(path.name, read_fortunes(path), min_chars)]
     train = [d for d in docs if not is_heldout(d["id"], heldout_fraction, seed)]
     heldout = [d for d in docs if is_heldout(d["id"], heldout_fraction, seed)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "heldout.jsonl", heldout)
-    manifest = {
+    return write_prepared(out_dir, {"train": train, "heldout": heldout}, {
         "domain": "fortunes",
         "source": str(source),
         "seed": seed,
-        "files": {"train": "train.jsonl", "heldout": "heldout.jsonl"},
         "splits": {name: {"docs": len(split), "chars": sum(len(d["text"]) for d in split)}
                    for name, split in (("train", train), ("heldout", heldout))},
         "excluded_categories": list(EXCLUDED_CATEGORIES),
         "selection": f"every category file but the excluded ones; consecutive fortunes joined into documents "
                      f"of >= {min_chars} characters; a document is held out when its id's hash falls below "
                      f"{heldout_fraction}",
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    })

@@ -19,14 +19,13 @@ Everything here is held out: nothing of this domain is used in training.
 from __future__ import annotations
 
 import gzip
-import json
 import random
 import re
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .records import write_jsonl
+from .records import write_prepared
 
 GCIDE_DIR = Path("/usr/share/dictd")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -151,20 +150,13 @@ def prepare_gcide(out_dir: str | Path, source: str | Path = GCIDE_DIR, *, num_do
                        "passages": passages})
     rng.shuffle(qa)
     qa = qa[:num_questions]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "heldout.jsonl", docs)
-    write_jsonl(out / "qa_heldout.jsonl", qa)
-    manifest = {
+    return write_prepared(out_dir, {"heldout": docs, "qa_heldout": qa}, {
         "domain": "gcide",
         "source": str(source),
         "seed": seed,
-        "files": {"heldout": "heldout.jsonl", "qa_heldout": "qa_heldout.jsonl"},
         "splits": {"heldout": {"docs": len(docs), "chars": sum(len(d["text"]) for d in docs), "qa": len(qa)}},
         "selection": f"{num_docs} pages of consecutive entries (>= {min_chars} chars), evenly spaced over "
                      f"{len(pages)} pages in dictionary order; every document is held out",
         "qa_derivation": "One question per entry of a chosen page whose first definition sentence is 12-200 "
                          "characters; the passages are the entry (<= 1500 chars) and other entries of its page.",
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    })

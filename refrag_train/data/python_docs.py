@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .qa import derive_qa
-from .records import Document, QAExample, _write_json, is_heldout, stable_hash, write_jsonl
+from .records import Document, QAExample, is_heldout, stable_hash, write_prepared
 from .rst import clean_rst
 
 DOCS_ROOT = "/usr/share/doc"
@@ -136,15 +136,9 @@ def prepare(
         kept_ids = {d.id for d in kept}
         docs["train"] = [d for d in docs["train"] if d.id in kept_ids]
         qa["train"] = [e for e in qa["train"] if e.doc_id in kept_ids]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files_out = {}
-    for split in ("train", "heldout"):
-        files_out[split] = f"{split}.jsonl"
-        files_out[f"qa_{split}"] = f"qa_{split}.jsonl"
-        write_jsonl(out / files_out[split], (asdict(d) for d in docs[split]))
-        write_jsonl(out / files_out[f"qa_{split}"], (asdict(e) for e in qa[split]))
-    manifest = {
+    files = {name: [asdict(r) for r in records[split]]
+             for split in ("train", "heldout") for name, records in ((split, docs), (f"qa_{split}", qa))}
+    return write_prepared(out_dir, files, {
         "source": str(src),
         "seed": seed,
         "heldout_fraction": heldout_fraction,
@@ -152,11 +146,8 @@ def prepare(
         "num_passages": num_passages,
         "excluded_dirs": list(excluded_dirs),
         "max_train_chars": max_train_chars,
-        "files": files_out,
         "splits": {s: _split_stats(docs[s], qa[s]) for s in ("train", "heldout")},
         "skipped": skipped,
         "split_rule": SPLIT_RULE,
         "qa_derivation": QA_DERIVATION,
-    }
-    _write_json(out / "manifest.json", manifest)
-    return manifest
+    })

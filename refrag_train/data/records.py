@@ -96,6 +96,18 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_prepared(out_dir: str | Path, files: dict[str, list[dict]], manifest: dict) -> dict:
+    """A prepared data folder: each ``files[name]`` written as ``name.jsonl``, then
+    ``manifest.json`` (``manifest`` with ``files``: ``{name: "name.jsonl"}``); returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in files.items():
+        write_jsonl(out / f"{name}.jsonl", records)
+    manifest = {**manifest, "files": {name: f"{name}.jsonl" for name in files}}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
 def load_documents(path: str | Path) -> list[Document]:
     """Documents from a ``train.jsonl`` / ``heldout.jsonl`` file."""
     return [Document(r["id"], r["text"]) for r in read_jsonl(path, ("id", "text"))]
