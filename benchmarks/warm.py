@@ -42,6 +42,7 @@ from pathlib import Path
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
 
 from .options import profile_from_args, profile_parser, run_log
+from .summary import merge_summary, warm_summary
 
 NO_CHUNK_CACHE = REFRAG + "-no-chunk-cache"
 """Chunk text with the engine's chunk-vector cache turned off."""
@@ -235,7 +236,8 @@ def passage_bytes(model_dir: str, cfg: WarmConfig, messages: Messages, cache: di
     per_vector = cache["bytes"] / cache["entries"] if cache.get("entries") else None
     vector_bytes = per_vector * messages.chunks_per_passage if per_vector else None
     kv_bytes = kv_per_token * cfg.passage_tokens
-    return {"chunks_per_passage": messages.chunks_per_passage, "bytes_per_vector": per_vector,
+    return {"chunks_per_passage": messages.chunks_per_passage, "chunk_size": config["refrag"]["chunk_size"],
+            "kv_bytes_per_token": kv_per_token, "bytes_per_vector": per_vector,
             "chunk_cache_bytes_per_passage": vector_bytes, "kv_bytes_per_passage": kv_bytes,
             "kv_over_chunk_cache": kv_bytes / vector_bytes if vector_bytes else None}
 
@@ -292,6 +294,8 @@ def plot(res: dict, out: Path) -> Path:
 def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
     p = profile_parser(__doc__, "folder for warm.json / warm.md / warm_ttft.png", "tiny profile: checks the harness, not timings", WarmConfig)
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
+    p.add_argument("--summary", default=None, help="merge the headline ratios into this results.json's summary "
+                   "(benchmarks/summary.py), e.g. the cold run's benchmarks/results/cpu/results.json")
     args = p.parse_args(argv)
     cfg = profile_from_args(args, PROFILES)
     unknown = set(args.conditions.split(",")) - set(CONDITIONS)
@@ -317,7 +321,10 @@ def main(argv=None) -> dict:
     cache = results["conditions"].get(REFRAG, {}).get("chunk_cache", {})
     results["passage_bytes"] = passage_bytes(args.model, cfg, messages, cache)
     results["wall_s"] = time.perf_counter() - started
+    results["summary"] = warm_summary(results)
     (out / "warm.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.summary:
+        merge_summary(args.summary, results["summary"])
     if VANILLA in results["conditions"]:
         (out / "warm.md").write_text(markdown(results))
     plot(results, out)

@@ -73,3 +73,13 @@ def test_report_files(quick_results):
     assert res["command"] in md
     for png in ("ttft_vs_length.png", "speedup_vs_length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_holds_the_headline_ratios(quick_results):
+    _, res = quick_results
+    s = res["summary"]
+    rows = {(r["mode"], r["k"], r["context_tokens"]): r["ttft_s"]["median"] for r in res["offline"]["rows"]}
+    ceiling = rows[("ceiling", 16, 512)]
+    assert s["k16_cached_vs_ceiling_512"] == pytest.approx(ceiling / rows[("refrag-cached", 16, 512)])
+    assert s["k16_text_cold_vs_ceiling_512"] == pytest.approx(ceiling / rows[("refrag", 16, 512)])
+    assert s["kv_bytes_per_chunk"] == res["offline"]["engine"]["kv_bytes_per_position"] * 16

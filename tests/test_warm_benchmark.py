@@ -13,8 +13,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 @pytest.fixture(scope="module")
 def warm_results(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("warm")
+    (out / "results.json").write_text(json.dumps({"summary": {"k16_cached_vs_ceiling_512": 0.9}}))  # a cold run's
     proc = subprocess.run([sys.executable, "-m", "benchmarks.warm", "--quick", "--model", str(tiny_ckpt),
-                           "--out", str(out)], capture_output=True, text=True, timeout=1500)
+                           "--out", str(out), "--summary", str(out / "results.json")],
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "warm.json").read_text())
 
@@ -50,3 +52,16 @@ def test_report_files(warm_results):
     md = (out / "warm.md").read_text()
     assert res["command"] in md and "chunk-cache hits" in md and "KV" in md
     assert (out / "warm_ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_merges_the_warm_ratios_into_the_cold_results(warm_results):
+    out, res = warm_results
+    p50 = {c: r["rows"][0]["ttft_p50_s"] for c, r in res["conditions"].items()}
+    merged = json.loads((out / "results.json").read_text())["summary"]
+    assert merged["k16_cached_vs_ceiling_512"] == 0.9  # the cold run's key is kept
+    assert merged["warm_text_cached_vs_vector_ttft_p50"] == pytest.approx(p50["refrag"] / p50["refrag-cached"])
+    assert merged["warm_text_vs_vanilla_prefix_ttft_p50"] == pytest.approx(p50["vanilla"] / p50["refrag"])
+    b = res["passage_bytes"]
+    assert merged["bytes_per_cached_chunk"] == b["bytes_per_vector"] > 0
+    assert merged["kv_bytes_per_chunk"] == b["kv_bytes_per_token"] * b["chunk_size"] > merged["bytes_per_cached_chunk"]
+    assert merged["warm_concurrency"] == 1

@@ -1,0 +1,64 @@
+"""The benchmarks' headline ratios, kept as one ``summary`` object in a ``results.json``.
+
+``benchmarks.ttft`` writes its keys into the ``summary`` of its own ``results.json``;
+``benchmarks.warm --summary FILE`` merges its keys into FILE's (the cold run's
+``results.json``), so that one object holds both. Every value is a ratio of two numbers
+measured side by side in one run, or a byte count:
+
+* ``k16_cached_vs_ceiling_N``, ``k16_text_cold_vs_ceiling_N``: the ceiling's TTFT over
+  REFRAG k=16's, with cached projected vectors and with chunk text (the encoder in the
+  engine, every chunk new), at N context tokens, the longest length measured;
+* ``warm_text_cached_vs_vector_ttft_p50``: on the warm benchmark, the TTFT p50 of text
+  passages with the engine's chunk-vector cache over that of client-sent vectors (at the
+  lowest concurrency level, ``warm_concurrency``);
+* ``warm_text_vs_vanilla_prefix_ttft_p50``: vanilla with vLLM's prefix cache over REFRAG
+  text passages with the chunk-vector cache;
+* ``bytes_per_cached_chunk`` (one projected vector in the chunk-vector cache) and
+  ``kv_bytes_per_chunk`` (the KV cache of the k tokens it stands for).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
+
+SUMMARY_K = 16
+
+
+def cold_summary(results: dict) -> dict:
+    """The ``benchmarks.ttft`` keys, from its results (offline engine, batch 1)."""
+    rows = results["offline"]["rows"]
+    n = max(r["context_tokens"] for r in rows if r["mode"] == VANILLA)
+    ttft = {r["mode"]: r["ttft_s"]["median"] for r in rows if r["k"] == SUMMARY_K and r["context_tokens"] == n}
+    summary = {"kv_bytes_per_chunk": results["offline"]["engine"]["kv_bytes_per_position"] * SUMMARY_K}
+    if "ceiling" in ttft:
+        summary[f"k{SUMMARY_K}_cached_vs_ceiling_{n}"] = ttft["ceiling"] / ttft[REFRAG_CACHED]
+        summary[f"k{SUMMARY_K}_text_cold_vs_ceiling_{n}"] = ttft["ceiling"] / ttft[REFRAG]
+    return summary
+
+
+def warm_summary(results: dict) -> dict:
+    """The ``benchmarks.warm`` keys, from its results (the conditions it ran)."""
+    p50 = {condition: result["rows"][0]["ttft_p50_s"] for condition, result in results["conditions"].items()}
+    summary = {"warm_concurrency": min(r["concurrency"] for r in next(iter(results["conditions"].values()))["rows"])}
+    if REFRAG in p50 and REFRAG_CACHED in p50:
+        summary["warm_text_cached_vs_vector_ttft_p50"] = p50[REFRAG] / p50[REFRAG_CACHED]
+    if REFRAG in p50 and VANILLA in p50:
+        summary["warm_text_vs_vanilla_prefix_ttft_p50"] = p50[VANILLA] / p50[REFRAG]
+    sizes = results["passage_bytes"]
+    if sizes.get("bytes_per_vector"):
+        summary["bytes_per_cached_chunk"] = sizes["bytes_per_vector"]
+    summary["kv_bytes_per_chunk"] = sizes["kv_bytes_per_token"] * sizes["chunk_size"]
+    return summary
+
+
+def merge_summary(path: str | Path, keys: dict) -> dict:
+    """Add ``keys`` to the ``summary`` of the JSON file ``path`` (created if missing); returns it."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["summary"] = {**results.get("summary", {}), **keys}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return results["summary"]
