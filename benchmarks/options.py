@@ -40,6 +40,12 @@ def profile_from_args(args: argparse.Namespace, profiles: dict):
     return cfg
 
 
+def parse_profile(parser: argparse.ArgumentParser, argv, profiles: dict):
+    """``(args, cfg)``: the parsed command line and the profile it picks (:func:`profile_from_args`)."""
+    args = parser.parse_args(argv)
+    return args, profile_from_args(args, profiles)
+
+
 def run_log(out: Path):
     """``log(msg)``: print it and append it to ``out/log.txt`` (``out`` is created)."""
     out.mkdir(parents=True, exist_ok=True)

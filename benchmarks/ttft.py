@@ -35,7 +35,7 @@ from pathlib import Path
 
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, REFRAG_POLICY, VANILLA
 
-from .options import profile_from_args, profile_parser, run_log
+from .options import parse_profile, profile_parser, run_log
 
 
 @dataclass
@@ -442,10 +442,9 @@ def machine() -> dict:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
-    p = profile_parser(__doc__, "folder for results.json / results.md / plots", "tiny sweep for CI: checks the harness, not timings", BenchConfig)
-    args = p.parse_args(argv)
-    cfg = profile_from_args(args, PROFILES)
-    return args, cfg
+    return parse_profile(profile_parser(__doc__, "folder for results.json / results.md / plots",
+                                        "tiny sweep for CI: checks the harness, not timings", BenchConfig),
+                         argv, PROFILES)
 
 
 def main(argv=None) -> dict:

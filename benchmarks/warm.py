@@ -41,7 +41,7 @@ from pathlib import Path
 
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
 
-from .options import profile_from_args, profile_parser, run_log
+from .options import parse_profile, profile_parser, run_log
 from .summary import merge_summary, warm_summary
 
 NO_CHUNK_CACHE = REFRAG + "-no-chunk-cache"
@@ -296,8 +296,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
     p.add_argument("--summary", default=None, help="merge the headline ratios into this results.json's summary "
                    "(benchmarks/summary.py), e.g. the cold run's benchmarks/results/cpu/results.json")
-    args = p.parse_args(argv)
-    cfg = profile_from_args(args, PROFILES)
+    args, cfg = parse_profile(p, argv, PROFILES)
     unknown = set(args.conditions.split(",")) - set(CONDITIONS)
     if unknown:
         p.error(f"unknown condition(s) {sorted(unknown)}")
