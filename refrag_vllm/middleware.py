@@ -9,9 +9,12 @@ oversized body with HTTP 413 first, without decoding it:
 (``refrag-vllm serve`` adds it.) The limit is ``REFRAG_MAX_REQUEST_BYTES`` (default
 :data:`DEFAULT_MAX_REQUEST_BYTES`, 32 MiB: 8,192 positions of client-sent float32 vectors
 fit in it). A declared ``Content-Length`` over the limit is refused at once; a chunked body
-is counted as it arrives and refused when it passes the limit. The rest of the body is read
-and dropped, never stored, so that a client still writing sees the answer. Bodies that fit
-the limit go on unchanged; the renderer still refuses a prompt that cannot fit
+is counted as it arrives and refused when it passes the limit. The answer goes out at once;
+the server (uvicorn, under ``vllm serve``) then reads the rest of the body and drops it in its
+parser, as it does for any request whose response is complete, so a client still writing
+sees the answer, the connection stays usable, and no Python code of ours touches the rest of
+the bytes (closing the connection instead would reset it under a client still writing, and
+the client would lose the answer). Bodies that fit the limit go on unchanged; the renderer still refuses a prompt that cannot fit
 ``max_model_len`` before tokenizing it.
 """
 
@@ -50,8 +53,6 @@ class RequestSizeLimit:
             except ValueError:
                 length = -1
             if length > self.max_bytes:
-                if headers.get(b"expect", b"").lower() != b"100-continue":
-                    await _drain(receive)  # the client sends it all before it reads the answer
                 await self._refuse(send, f"{length} bytes")
                 return
             await self.app(scope, receive, send)
@@ -65,7 +66,6 @@ class RequestSizeLimit:
                 break
             total += len(message.get("body", b""))
             if total > self.max_bytes:
-                await _drain(receive, message)
                 await self._refuse(send, f"more than {self.max_bytes} bytes")
                 return
             if not message.get("more_body", False):
@@ -83,17 +83,10 @@ class RequestSizeLimit:
         body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
                                      "code": 413}}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
 SIZE_LIMIT_MIDDLEWARE = f"{RequestSizeLimit.__module__}.{RequestSizeLimit.__qualname__}"
 """What ``vllm serve --middleware`` takes to install :class:`RequestSizeLimit`."""
 
-
-async def _drain(receive, last: dict | None = None) -> None:
-    """Read and drop the rest of a request body."""
-    message = last
-    while message is None or (message["type"] == "http.request" and message.get("more_body", False)):
-        message = await receive()

@@ -84,3 +84,52 @@ def test_limit_from_environment(monkeypatch):
         monkeypatch.setenv("REFRAG_MAX_REQUEST_BYTES", bad)
         with pytest.raises(ValueError, match="REFRAG_MAX_REQUEST_BYTES must be a positive integer"):
             max_request_bytes()
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """The app behind a real uvicorn (httptools, as under ``vllm serve``) on a free port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    seen: list = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(seen), host="127.0.0.1", port=port, http="httptools",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_over_a_real_socket_the_answer_reaches_a_client_still_writing(real_server, chunked):
+    """The 413 goes out before the body is read; the server drops the rest, so a client that
+    writes all 20 MB before reading gets the answer, and the same connection serves the next request."""
+    url, seen = real_server
+    big = 20 << 20
+
+    def body():
+        for _ in range(big // (1 << 20)):
+            yield b"x" * (1 << 20)
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        resp = client.post("/v1/chat/completions", content=body() if chunked else b"x" * big)
+        assert resp.status_code == 413, resp.text
+        assert "exceeds this server's limit" in resp.json()["error"]["message"]
+        before = len(seen)
+        ok = client.post("/v1/chat/completions", content=b"y" * LIMIT)
+        assert ok.status_code == 200 and seen[before:] == [b"y" * LIMIT]
+        local = lambda r: r.extensions["network_stream"].get_extra_info("client_addr")  # noqa: E731
+        assert local(ok) == local(resp)  # the same keep-alive connection
+        assert client.get("/v1/chat/completions").status_code == 200
