@@ -25,6 +25,14 @@ PASSAGES = [
 QUESTION = "What is the capital of France?"
 
 
+def pytest_collection_modifyitems(items):
+    """A test that starts an engine is also ``slow``: ``-m "not slow"`` is the engine-free tier,
+    as ``-m "not engine"`` is."""
+    for item in items:
+        if item.get_closest_marker("engine") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     from tiny_models import make_tiny_checkpoint
