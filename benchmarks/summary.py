@@ -40,9 +40,11 @@ def cold_summary(results: dict) -> dict:
 
 
 def warm_summary(results: dict) -> dict:
-    """The ``benchmarks.warm`` keys, from its results (the conditions it ran)."""
-    p50 = {condition: result["rows"][0]["ttft_p50_s"] for condition, result in results["conditions"].items()}
-    summary = {"warm_concurrency": min(r["concurrency"] for r in next(iter(results["conditions"].values()))["rows"])}
+    """The ``benchmarks.warm`` keys, from its results (the conditions it ran), at the first (lowest)
+    concurrency level."""
+    first = {condition: result["rows"][0] for condition, result in results["conditions"].items()}
+    p50 = {condition: row["ttft_p50_s"] for condition, row in first.items()}
+    summary = {"warm_concurrency": next(iter(first.values()))["concurrency"]}
     if REFRAG in p50 and REFRAG_CACHED in p50:
         summary["warm_text_cached_vs_vector_ttft_p50"] = p50[REFRAG] / p50[REFRAG_CACHED]
     if REFRAG in p50 and VANILLA in p50:
@@ -54,11 +56,17 @@ def warm_summary(results: dict) -> dict:
     return summary
 
 
+def read_summary(path: str | Path) -> dict:
+    """The ``summary`` of the results file ``path``; empty when there is none yet."""
+    path = Path(path)
+    return json.loads(path.read_text()).get("summary", {}) if path.exists() else {}
+
+
 def merge_summary(path: str | Path, keys: dict) -> dict:
     """Add ``keys`` to the ``summary`` of the JSON file ``path`` (created if missing); returns it."""
     path = Path(path)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["summary"] = {**results.get("summary", {}), **keys}
+    results["summary"] = {**read_summary(path), **keys}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return results["summary"]

@@ -449,7 +449,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
 
 def main(argv=None) -> dict:
     from .report import write_report
-    from .summary import cold_summary
+    from .summary import cold_summary, read_summary
     from .workload import RequestFactory
 
     args, cfg = parse_args(argv)
@@ -473,8 +473,7 @@ def main(argv=None) -> dict:
         results["server"] = run_server(args.model, factory, cfg, server_lengths, server_beyond, out, log)
     results["wall_s"] = time.perf_counter() - started
     results["text_tokens_used"] = factory.source.used_tokens
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    results["summary"] = {**previous.get("summary", {}), **cold_summary(results)}  # keeps a warm run's keys
+    results["summary"] = {**read_summary(out / "results.json"), **cold_summary(results)}  # keeps a warm run's keys
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
     log(f"done in {results['wall_s']:.0f}s: {out / 'results.md'}")

@@ -137,12 +137,13 @@ class Stage:
         self.log_file.drop_after(self.step)
         print(f"[{self.name}] resuming at step {self.step}/{self.total_steps}")
 
-    def save(self, where: Path) -> None:
+    def save(self, where: Path, done: int) -> None:
+        """Weights, optimiser and clock after ``done`` steps, into ``where`` (atomically)."""
         tmp = where.with_name(where.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_delta(tmp, meta={"stage": self.name, "step": self.step})
+        self.model.save_delta(tmp, meta={"stage": self.name, "step": done})
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps,
+        (tmp / "state.json").write_text(json.dumps({"step": done, "total_steps": self.total_steps,
                                                     "elapsed_s": round(self.elapsed_s, 3)}))
         shutil.rmtree(where, ignore_errors=True)
         tmp.replace(where)
@@ -187,11 +188,10 @@ class Stage:
         """Every ``run.save_every`` steps, save ``last/`` (weights, optimiser, step) to resume from."""
         done = step + 1
         if done % self.save_every == 0 and done < self.total_steps:
-            self.step = done
-            self.save(self.dir / "last")
+            self.save(self.dir / "last", done)
 
     def finish(self) -> Path:
-        self.save(self.final_dir)
+        self.save(self.final_dir, self.step)
         shutil.rmtree(self.dir / "last", ignore_errors=True)
         self.log_file.close()
         return self.final_dir
