@@ -15,14 +15,18 @@ def _index(rows: list[dict]) -> dict:
     return {(r["mode"], r.get("k"), r["context_tokens"]): r for r in rows}
 
 
+def _table(header: list[str], rows) -> list[str]:
+    """A markdown table: the header's cells, then one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def offline_table(res: dict) -> list[str]:
     rows = res["offline"]["rows"]
     idx = _index(rows)
-    lines = [
-        "| context tokens | mode | positions | TTFT s (median, min–max) | speed-up vs vanilla | ceiling TTFT s "
-        "| ceiling speed-up | % of ceiling | ideal ratio | TPOT ms | KV blocks | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["context tokens", "mode", "positions", "TTFT s (median, min–max)", "speed-up vs vanilla",
+              "ceiling TTFT s", "ceiling speed-up", "% of ceiling", "ideal ratio", "TPOT ms", "KV blocks", "KV MiB"]
+    table = []
     for n in sorted({r["context_tokens"] for r in rows}):
         vanilla = idx.get(("vanilla", None, n))
         for r in [x for x in rows if x["context_tokens"] == n and x["mode"] != "ceiling"]:
@@ -33,56 +37,52 @@ def offline_table(res: dict) -> list[str]:
             c_speed = f"{vanilla['ttft_s']['median'] / c_ttft:.2f}×" if (ceiling and vanilla) else "—"
             of_ceiling = f"{100 * c_ttft / t['median']:.0f}%" if ceiling else "—"
             ideal = f"{vanilla['positions'] / r['positions']:.1f}×" if vanilla else "—"
-            lines.append(
-                f"| {n} | {_label(r)} | {r['positions']:.0f} | {t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f}) "
-                f"| {speed} | {'—' if c_ttft is None else f'{c_ttft:.3f}'} | {c_speed} | {of_ceiling} | {ideal} "
-                f"| {1000 * r['tpot_s']:.1f} | {r['kv_blocks']} | {r['kv_mib']} |")
-    return lines
+            table.append([n, _label(r), f"{r['positions']:.0f}", f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})",
+                          speed, "—" if c_ttft is None else f"{c_ttft:.3f}", c_speed, of_ceiling, ideal,
+                          f"{1000 * r['tpot_s']:.1f}", r["kv_blocks"], r["kv_mib"]])
+    return _table(header, table)
 
 
 def throughput_table(res: dict) -> list[str]:
     rows = res["offline"]["throughput"]
     vanilla = next((r["output_tokens_per_s"] for r in rows if r["mode"] == "vanilla"), float("nan"))
-    lines = ["| mode | context tokens | requests | output tokens | seconds | output tok/s | × vanilla |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {_label(r)} | {r['context_tokens']} | {r['requests']} | {r['output_tokens']} "
-                     f"| {r['seconds']:.2f} | {r['output_tokens_per_s']:.2f} | {r['output_tokens_per_s'] / vanilla:.2f} |")
-    return lines
+    return _table(["mode", "context tokens", "requests", "output tokens", "seconds", "output tok/s", "× vanilla"],
+                  [[_label(r), r["context_tokens"], r["requests"], r["output_tokens"], f"{r['seconds']:.2f}",
+                    f"{r['output_tokens_per_s']:.2f}", f"{r['output_tokens_per_s'] / vanilla:.2f}"] for r in rows])
 
 
 def transformers_table(res: dict) -> list[str]:
     idx = _index(res["offline"]["rows"])
-    lines = ["| context tokens | positions | transformers prefill s | vLLM vanilla TTFT s | transformers ÷ vLLM |",
-             "|---|---|---|---|---|"]
+    table = []
     for r in res.get("transformers", []):
         v = idx.get(("vanilla", None, r["context_tokens"]))
         hf = r["prefill_s"]["median"]
         vt = v["ttft_s"]["median"] if v else float("nan")
-        lines.append(f"| {r['context_tokens']} | {r['positions']} | {hf:.3f} | {vt:.3f} | {hf / vt:.2f} |")
-    return lines
+        table.append([r["context_tokens"], r["positions"], f"{hf:.3f}", f"{vt:.3f}", f"{hf / vt:.2f}"])
+    return _table(["context tokens", "positions", "transformers prefill s", "vLLM vanilla TTFT s",
+                   "transformers ÷ vLLM"], table)
 
 
 def server_table(res: dict) -> list[str]:
     rows = res["server"]["rows"]
     idx = _index(rows)
-    lines = ["| context tokens | mode | positions | TTFT s (median, min–max) | speed-up vs vanilla | TPOT ms |",
-             "|---|---|---|---|---|---|"]
+    table = []
     for r in sorted(rows, key=lambda r: (r["context_tokens"], r["mode"] != "vanilla")):
         v = idx.get(("vanilla", None, r["context_tokens"]))
         t = r["ttft_s"]
         speed = f"{v['ttft_s']['median'] / t['median']:.2f}×" if v else "— (past the window)"
-        lines.append(f"| {r['context_tokens']} | {_label(r)} | {r['positions']:.0f} | {t['median']:.3f} "
-                     f"({t['min']:.3f}–{t['max']:.3f}) | {speed} | {1000 * r['tpot_s']:.1f} |")
+        table.append([r["context_tokens"], _label(r), f"{r['positions']:.0f}",
+                      f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})", speed, f"{1000 * r['tpot_s']:.1f}"])
+    lines = _table(["context tokens", "mode", "positions", "TTFT s (median, min–max)", "speed-up vs vanilla",
+                    "TPOT ms"], table)
     cross = res["server"].get("bench_serve") or []
     if cross:
         lines += ["", "Cross-check, vanilla, same prompts: our streaming client vs `vllm bench serve`",
-                  "(max concurrency 1):", "",
-                  "| context tokens | requests | ours median TTFT ms | vllm bench serve median TTFT ms | difference |",
-                  "|---|---|---|---|---|"]
-        for c in cross:
-            lines.append(f"| {c['context_tokens']} | {c['requests']} | {c['ours_median_ttft_ms']:.0f} "
-                         f"| {c['bench_serve_median_ttft_ms']:.0f} | {c['difference_pct']:+.1f}% |")
+                  "(max concurrency 1):", ""]
+        lines += _table(["context tokens", "requests", "ours median TTFT ms", "vllm bench serve median TTFT ms",
+                         "difference"],
+                        [[c["context_tokens"], c["requests"], f"{c['ours_median_ttft_ms']:.0f}",
+                          f"{c['bench_serve_median_ttft_ms']:.0f}", f"{c['difference_pct']:+.1f}%"] for c in cross])
     return lines
 
 

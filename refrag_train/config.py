@@ -118,6 +118,13 @@ class ReadingConfig:
     """Chunks per sample (of ``run.default_chunk_size`` tokens each)."""
     train_encoder: bool = True
     """Train the encoder's LoRA too; the projector and the decoder's LoRA always learn."""
+    recall_fraction: float = 0.0
+    """Share of each batch that are recall samples: one chunk of an n-chunk window,
+    reproduced from all n vectors after its first ``recall_cue_tokens`` tokens."""
+    recall_num_chunks: list[int] = field(default_factory=lambda: [4, 16])
+    """n of each recall sample, drawn uniformly from this list."""
+    recall_cue_tokens: int = 4
+    """Raw tokens of the recalled chunk given before its loss: they say which vector to read."""
 
 
 @dataclass

@@ -6,8 +6,13 @@ reads little of what its frozen layers were never trained to read: a one-vector
 chunk is a new kind of input to it. In this stage the same 1 x k reconstruction samples
 train the decoder's LoRA beside the projector (and the encoder's LoRA), so the decoder
 learns to read the vectors. Only the chunk's vector tells the decoder which tokens to
-reproduce, so the decoder cannot learn to do without it, unlike in CPT. The content probe
-(``refrag_train/ABLATIONS.md``) measures what this buys. ``reading.steps = 0`` skips it.
+reproduce, so the decoder cannot learn to do without it, unlike in CPT.
+
+A share of each batch (``reading.recall_fraction``) can be recall samples
+(:func:`~refrag_train.samples.recall_sample`): one chunk of an n-chunk window, reproduced
+from all n vectors after a few cue tokens, so the decoder learns to find the vector that
+matches the text it is reading among many. The content probe (``refrag_train/ABLATIONS.md``)
+measures what each buys. ``reading.steps = 0`` skips the stage.
 """
 
 from __future__ import annotations
@@ -16,17 +21,24 @@ from pathlib import Path
 
 from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
 from .reconstruction import reconstruction_batch
-from .samples import TokenCorpus
+from .samples import TokenCorpus, recall_sample
 from .trainer import Stage, nll_loss, step_rng
 
 NAME = "reading"
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int):
-    """``batch_size`` windows of ``num_chunks x k`` tokens (k: the run's default)."""
-    c = model.cfg.reading
-    return reconstruction_batch(model, corpus, step_rng(model.cfg.run.seed, NAME, step), c.num_chunks,
-                                model.cfg.run.default_chunk_size, c.batch_size)
+    """``batch_size`` samples: windows of ``num_chunks x k`` tokens (k: the run's default) to
+    reconstruct, then ``round(recall_fraction * batch_size)`` recall samples."""
+    c, k = model.cfg.reading, model.cfg.run.default_chunk_size
+    rng = step_rng(model.cfg.run.seed, NAME, step)
+    num_recall = round(c.recall_fraction * c.batch_size)
+    batch = reconstruction_batch(model, corpus, rng, c.num_chunks, k, c.batch_size - num_recall)
+    for _ in range(num_recall):
+        n = rng.choice(c.recall_num_chunks)
+        batch.append(recall_sample(model.tokenizer, model.placeholder_id, corpus.window(n * k, rng), k,
+                                   rng.randrange(n), c.recall_cue_tokens, start=model.cfg.run.bos_first))
+    return batch
 
 
 def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:

@@ -127,6 +127,21 @@ def reconstruction_sample(tokenizer, placeholder_id: int, tokens: Sequence[int],
     return context_sample(tokenizer, placeholder_id, tokens, tokens, k, start=start)
 
 
+def recall_sample(tokenizer, placeholder_id: int, tokens: Sequence[int], k: int, chunk: int, cue: int,
+                  start: bool = True) -> Sample:
+    """Recall: all n chunks of ``tokens`` compressed, then chunk ``chunk``'s tokens raw; the
+    loss is on all but its first ``cue``.
+
+    The cue says which of the n vectors to read, as the text before a copied span does in a
+    continuation; the chunks before it are not shown raw, so the decoder cannot predict the
+    chunk from them and must read its vector.
+    """
+    target = split_chunks(tokens, k)[chunk]
+    if not 0 <= cue < len(target):
+        raise ValueError(f"cue of {cue} tokens leaves nothing to recall in a chunk of {len(target)}")
+    return context_sample(tokenizer, placeholder_id, tokens, target, k, num_targets=len(target) - cue, start=start)
+
+
 def random_expansion(num_chunks: int, fraction: float, rng: random.Random) -> list[int]:
     """``round(p * L)`` distinct chunk indices chosen uniformly."""
     from refrag_vllm.expansion_policy import num_expanded

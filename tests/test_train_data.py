@@ -307,21 +307,14 @@ def test_jsonl_roundtrip_and_errors(tmp_path):
     assert not (tmp_path / "docs.jsonl.tmp").exists()
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
-        read_jsonl(bad)
-    bad.write_text('{"text": "ok"}\n{"id": "no text"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'text'"):
-        read_jsonl(bad)
-    bad.write_text('{"text": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: key 'text' should be str"):
-        read_jsonl(bad)
-    bad.write_text('["text"]\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
-        read_jsonl(bad)
-    bad.write_text("\n  \n")
-    with pytest.raises(ValueError, match="no records"):
-        read_jsonl(bad)
+    for text, error in [('{"text": "ok"}\n\n{"text": oops}\n', r"bad.jsonl:3: malformed JSON"),
+                        ('{"text": "ok"}\n{"id": "no text"}\n', r"bad.jsonl:2: missing key 'text'"),
+                        ('{"text": 3}\n', r"bad.jsonl:1: key 'text' should be str"),
+                        ('["text"]\n', r"bad.jsonl:1: expected a JSON object"),
+                        ("\n  \n", "no records")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            read_jsonl(bad)
 
 
 def test_load_qa_checks_gold(tmp_path):

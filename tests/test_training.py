@@ -84,6 +84,22 @@ def test_samples_start_with_bos_so_no_chunk_sits_at_the_attention_sink():
     assert old_layout.prompt["prompt_token_ids"][0] == 999
 
 
+def test_recall_sample_compresses_the_window_and_shows_only_the_recalled_chunk():
+    from tiny_models import make_decoder_tokenizer
+
+    from refrag_train.samples import recall_sample
+
+    tok = make_decoder_tokenizer()
+    ids = tok("The quick brown fox jumps over the lazy dog and runs far away")["input_ids"][:12]
+    sample = recall_sample(tok, 999, ids, 4, chunk=1, cue=1)
+    # BOS, one placeholder for the three chunks, then chunk 1 raw; the loss skips its cue token
+    assert sample.prompt["prompt_token_ids"] == [tok.bos_token_id, 999] + ids[4:8]
+    assert sample.num_targets == 3
+    assert sample.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == 3
+    with pytest.raises(ValueError, match="nothing to recall"):
+        recall_sample(tok, 999, ids, 4, chunk=0, cue=4)
+
+
 def test_config_keys_k_now_sets_are_dropped_or_refused():
     """The policy's k is the served k: an older config's copy of it loads where it agrees."""
     cfg = config_from_dict({"run": {"default_chunk_size": 8}, "policy_rl": {"chunk_size": 8},
@@ -243,6 +259,18 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
         fixed = reading.make_batch(model, corpus, 0)
         assert len(fixed) == tiny_cfg.reading.batch_size
         assert all(s.num_targets == tiny_cfg.run.default_chunk_size for s in fixed)  # 1 x k reconstruction
+        import dataclasses
+
+        recall = dataclasses.replace(tiny_cfg.reading, recall_fraction=0.5, recall_num_chunks=[3], recall_cue_tokens=1)
+        model.cfg = dataclasses.replace(tiny_cfg, reading=recall)
+        mixed = reading.make_batch(model, corpus, 0)
+        model.cfg = tiny_cfg
+        num_recall = round(0.5 * recall.batch_size)
+        assert len(mixed) == recall.batch_size and num_recall > 0
+        # recall samples come last: three chunks compressed, one of them recalled after its cue
+        for s in mixed[-num_recall:]:
+            assert s.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == 3
+            assert s.num_targets == tiny_cfg.run.default_chunk_size - 1
         decoder_lora = [p.detach().clone() for _, p in model.named_groups()["decoder"]]
         train = lambda: reading.train_reading(model, corpus, tmp_path)  # noqa: E731
     elif stage == "cpt":
