@@ -66,7 +66,7 @@ def merge_summary(path: str | Path, keys: dict) -> dict:
     """Add ``keys`` to the ``summary`` of the JSON file ``path`` (created if missing); returns it."""
     path = Path(path)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["summary"] = {**read_summary(path), **keys}
+    results["summary"] = {**results.get("summary", {}), **keys}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return results["summary"]

@@ -246,6 +246,24 @@ def test_cpt_mixes_in_reconstruction_samples(tiny_cfg, base_ckpt):
             assert sample.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == n
 
 
+def test_reading_batch_ends_with_its_share_of_recall_samples(tiny_cfg, base_ckpt):
+    import dataclasses
+
+    from refrag_train import reading
+
+    recall = dataclasses.replace(tiny_cfg.reading, recall_fraction=0.5, recall_num_chunks=[3], recall_cue_tokens=1)
+    model = _model(dataclasses.replace(tiny_cfg, reading=recall), base_ckpt)
+    batch = reading.make_batch(model, _corpus(model), 0)
+    num_recall = round(0.5 * recall.batch_size)
+    assert len(batch) == recall.batch_size and num_recall > 0
+    k = tiny_cfg.run.default_chunk_size
+    assert all(s.num_targets == k for s in batch[:-num_recall])  # 1 x k reconstruction first
+    # then recall samples: three chunks compressed, one of them recalled after its cue
+    for s in batch[-num_recall:]:
+        assert s.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == 3
+        assert s.num_targets == k - 1
+
+
 @pytest.mark.parametrize("stage", ["reconstruction", "reading", "cpt", "sft"])
 def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ckpt, tmp_path):
     from refrag_train import cpt, reading, reconstruction, sft
@@ -259,18 +277,6 @@ def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ck
         fixed = reading.make_batch(model, corpus, 0)
         assert len(fixed) == tiny_cfg.reading.batch_size
         assert all(s.num_targets == tiny_cfg.run.default_chunk_size for s in fixed)  # 1 x k reconstruction
-        import dataclasses
-
-        recall = dataclasses.replace(tiny_cfg.reading, recall_fraction=0.5, recall_num_chunks=[3], recall_cue_tokens=1)
-        model.cfg = dataclasses.replace(tiny_cfg, reading=recall)
-        mixed = reading.make_batch(model, corpus, 0)
-        model.cfg = tiny_cfg
-        num_recall = round(0.5 * recall.batch_size)
-        assert len(mixed) == recall.batch_size and num_recall > 0
-        # recall samples come last: three chunks compressed, one of them recalled after its cue
-        for s in mixed[-num_recall:]:
-            assert s.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == 3
-            assert s.num_targets == tiny_cfg.run.default_chunk_size - 1
         decoder_lora = [p.detach().clone() for _, p in model.named_groups()["decoder"]]
         train = lambda: reading.train_reading(model, corpus, tmp_path)  # noqa: E731
     elif stage == "cpt":
