@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from refrag_vllm.markdown import table_lines
+
 ENCODERS = ("minilm", "decoder-layers:4", "decoder-layers:8")
 
 
@@ -64,12 +66,11 @@ def measure(encoders=ENCODERS, total_tokens: int = 8192, k: int = 16, repeats: i
 
 def markdown(result: dict) -> str:
     lines = [f"Chunk encoders alone (k={result['k']}, {result['dtype']}, {result['threads']} threads, median of "
-             f"{result['repeats']}):", "",
-             "| encoder | parameters (M) | chunks | encoder tokens | s per call | ms per 1,000 context tokens |",
-             "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['encoder']} | {r['params_m']:.1f} | {r['chunks']} | {r['encoder_tokens']} "
-                     f"| {r['median_s']:.3f} | {r['ms_per_1000_tokens']:.1f} |")
+             f"{result['repeats']}):", ""]
+    lines += table_lines(
+        ["encoder", "parameters (M)", "chunks", "encoder tokens", "s per call", "ms per 1,000 context tokens"],
+        [(r["encoder"], f"{r['params_m']:.1f}", r["chunks"], r["encoder_tokens"], f"{r['median_s']:.3f}",
+          f"{r['ms_per_1000_tokens']:.1f}") for r in result["rows"]])
     return "\n".join(lines) + "\n"
 
 

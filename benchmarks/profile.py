@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from refrag_vllm.markdown import table_lines
 from refrag_vllm.modes import MODES, REFRAG
 
 # Frames worth naming in the summary: ours, and vLLM's stages a request goes through.
@@ -83,12 +84,12 @@ def main(argv=None) -> None:
     spy.wait(60)
     lines = [f"# Profile: {args.mode}, k={args.k}, {args.context} context tokens, {args.requests} cold requests", "",
              f"Command: `python -m benchmarks.profile --model {args.model} --mode {args.mode} --k {args.k} "
-             f"--context {args.context} --out {args.out}`", "",
-             "| request | building the request s (policy s) | engine TTFT s |", "|---|---|---|"]
-    lines += [f"| {i} | {b:.3f} ({p:.3f}) | {t:.3f} |" for i, (b, p, t) in enumerate(ttfts)]
-    lines += ["", "Inclusive share of py-spy samples (whole recording, idle threads included):", "",
-              "| share | frame |", "|---|---|"]
-    lines += [f"| {100 * share:.1f}% | `{frame}` |" for frame, share in summarize(collapsed)]
+             f"--context {args.context} --out {args.out}`", ""]
+    lines += table_lines(["request", "building the request s (policy s)", "engine TTFT s"],
+                            [(i, f"{b:.3f} ({p:.3f})", f"{t:.3f}") for i, (b, p, t) in enumerate(ttfts)])
+    lines += ["", "Inclusive share of py-spy samples (whole recording, idle threads included):", ""]
+    lines += table_lines(["share", "frame"],
+                            [(f"{100 * share:.1f}%", f"`{frame}`") for frame, share in summarize(collapsed)])
     (out / f"{args.mode}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     engine.shutdown()

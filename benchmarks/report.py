@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from refrag_vllm.markdown import table_lines
+
 
 def _label(row: dict) -> str:
     return row["mode"] if row.get("k") is None else f"{row['mode']} k={row['k']}"
@@ -13,12 +15,6 @@ def _label(row: dict) -> str:
 
 def _index(rows: list[dict]) -> dict:
     return {(r["mode"], r.get("k"), r["context_tokens"]): r for r in rows}
-
-
-def _table(header: list[str], rows) -> list[str]:
-    """A markdown table: the header's cells, then one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def offline_table(res: dict) -> list[str]:
@@ -40,13 +36,13 @@ def offline_table(res: dict) -> list[str]:
             table.append([n, _label(r), f"{r['positions']:.0f}", f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})",
                           speed, "—" if c_ttft is None else f"{c_ttft:.3f}", c_speed, of_ceiling, ideal,
                           f"{1000 * r['tpot_s']:.1f}", r["kv_blocks"], r["kv_mib"]])
-    return _table(header, table)
+    return table_lines(header, table)
 
 
 def throughput_table(res: dict) -> list[str]:
     rows = res["offline"]["throughput"]
     vanilla = next((r["output_tokens_per_s"] for r in rows if r["mode"] == "vanilla"), float("nan"))
-    return _table(["mode", "context tokens", "requests", "output tokens", "seconds", "output tok/s", "× vanilla"],
+    return table_lines(["mode", "context tokens", "requests", "output tokens", "seconds", "output tok/s", "× vanilla"],
                   [[_label(r), r["context_tokens"], r["requests"], r["output_tokens"], f"{r['seconds']:.2f}",
                     f"{r['output_tokens_per_s']:.2f}", f"{r['output_tokens_per_s'] / vanilla:.2f}"] for r in rows])
 
@@ -59,7 +55,7 @@ def transformers_table(res: dict) -> list[str]:
         hf = r["prefill_s"]["median"]
         vt = v["ttft_s"]["median"] if v else float("nan")
         table.append([r["context_tokens"], r["positions"], f"{hf:.3f}", f"{vt:.3f}", f"{hf / vt:.2f}"])
-    return _table(["context tokens", "positions", "transformers prefill s", "vLLM vanilla TTFT s",
+    return table_lines(["context tokens", "positions", "transformers prefill s", "vLLM vanilla TTFT s",
                    "transformers ÷ vLLM"], table)
 
 
@@ -73,13 +69,13 @@ def server_table(res: dict) -> list[str]:
         speed = f"{v['ttft_s']['median'] / t['median']:.2f}×" if v else "— (past the window)"
         table.append([r["context_tokens"], _label(r), f"{r['positions']:.0f}",
                       f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})", speed, f"{1000 * r['tpot_s']:.1f}"])
-    lines = _table(["context tokens", "mode", "positions", "TTFT s (median, min–max)", "speed-up vs vanilla",
+    lines = table_lines(["context tokens", "mode", "positions", "TTFT s (median, min–max)", "speed-up vs vanilla",
                     "TPOT ms"], table)
     cross = res["server"].get("bench_serve") or []
     if cross:
         lines += ["", "Cross-check, vanilla, same prompts: our streaming client vs `vllm bench serve`",
                   "(max concurrency 1):", ""]
-        lines += _table(["context tokens", "requests", "ours median TTFT ms", "vllm bench serve median TTFT ms",
+        lines += table_lines(["context tokens", "requests", "ours median TTFT ms", "vllm bench serve median TTFT ms",
                          "difference"],
                         [[c["context_tokens"], c["requests"], f"{c['ours_median_ttft_ms']:.0f}",
                           f"{c['bench_serve_median_ttft_ms']:.0f}", f"{c['difference_pct']:+.1f}%"] for c in cross])

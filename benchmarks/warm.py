@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refrag_vllm.markdown import table_lines
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
 
 from .options import parse_profile, profile_parser, run_log
@@ -246,18 +247,16 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [f"# Warm RAG traffic through `vllm serve`: {cfg['top_k']} of {cfg['pool_passages']} passages "
              f"({cfg['passage_tokens']} tokens each), Zipf {cfg['zipf']}", "",
-             f"Command: `{res['command']}` ({res['wall_s']:.0f} s). Model: `{res['model']}`.", "",
-             "| condition | concurrency | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | chunk-cache hits | "
-             "prefix-cache hits | TTFT p50 vs vanilla |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Command: `{res['command']}` ({res['wall_s']:.0f} s). Model: `{res['model']}`.", ""]
     vanilla = {r["concurrency"]: r["ttft_p50_s"] for r in res["conditions"][VANILLA]["rows"]}
     pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"
-    for condition, result in res["conditions"].items():
-        for r in result["rows"]:
-            lines.append(f"| {condition} | {r['concurrency']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
-                         f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-                         f"{pct(r['chunk_cache_hit_rate'])} | {pct(r['prefix_cache_hit_rate'])} | "
-                         f"{vanilla[r['concurrency']] / r['ttft_p50_s']:.1f}x |")
+    lines += table_lines(
+        ["condition", "concurrency", "TTFT p50 (s)", "TTFT p99 (s)", "req/s", "output tok/s", "chunk-cache hits",
+         "prefix-cache hits", "TTFT p50 vs vanilla"],
+        [(condition, r["concurrency"], f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}",
+          f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}", pct(r["chunk_cache_hit_rate"]),
+          pct(r["prefix_cache_hit_rate"]), f"{vanilla[r['concurrency']] / r['ttft_p50_s']:.1f}x")
+         for condition, result in res["conditions"].items() for r in result["rows"]])
     b = res["passage_bytes"]
     if b["chunk_cache_bytes_per_passage"]:
         lines += ["", f"One cached passage ({cfg['passage_tokens']} tokens, {b['chunks_per_passage']:.1f} chunks) "

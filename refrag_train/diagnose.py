@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from refrag_vllm.chunks import CompressedChunks
+from refrag_vllm.markdown import table_lines
 from refrag_vllm.prompt import chunk_text
 
 from .data import read_jsonl
@@ -99,10 +100,11 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
 
 
 def probe_markdown(result: dict) -> str:
-    lines = ["| probe | own | other | mean | none | other - own | mean - own |", "|---|---|---|---|---|---|---|"]
-    for r in result["shapes"]:
-        lines.append(f"| {r['n']}x{r['k']} | {r['own']:.3f} | {r['other']:.3f} | {r['mean']:.3f} | {r['none']:.3f} "
-                     f"| {r['other'] - r['own']:.3f} | {r['mean'] - r['own']:.3f} |")
+    lines = table_lines(
+        ["probe", "own", "other", "mean", "none", "other - own", "mean - own"],
+        [(f"{r['n']}x{r['k']}", *(f"{x:.3f}" for x in (r["own"], r["other"], r["mean"], r["none"],
+                                                      r["other"] - r["own"], r["mean"] - r["own"])))
+         for r in result["shapes"]])
     g = result["geometry"]
     lines += ["", f"Projected vectors: pairwise cosine {g['pairwise_cosine']:.2f} within a 16-chunk window, "
                   f"shared mean {g['mean_share']:.2f} of the average norm, norm {g['projected_norm']:.1f} "

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from refrag_vllm.expansion_policy import choose_expansions, num_expanded
+from refrag_vllm.markdown import table_lines
 from refrag_vllm.prompt import RefragPromptBuilder, chunk_text
 from refrag_vllm.reference import RefragReferenceModel
 
@@ -171,18 +172,16 @@ def markdown_table(result: dict) -> str:
         f"(o={o}), {result['num_windows']} windows from {result['num_heldout_docs']} held-out documents. "
         "Lower is better; *gap recovered* = (no context - row) / (no context - full context).",
         "",
-        "| Condition | log-PPL | decoder positions (context + o) | gap recovered |",
-        "|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        gap = "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%"
-        lines.append(f"| {r['condition']} | {r['log_ppl']:.3f} | {r['positions']:.0f} | {gap} |")
+    lines += table_lines(
+        ["Condition", "log-PPL", "decoder positions (context + o)", "gap recovered"],
+        [(r["condition"], f"{r['log_ppl']:.3f}", f"{r['positions']:.0f}",
+          "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%") for r in result["rows"]])
     if result.get("qa"):
-        lines += ["", "Held-out RAG QA (SFT format): log-perplexity of the answer.", "",
-                  "| Passages | answer log-PPL | decoder positions | examples |", "|---|---|---|---|"]
-        for r in result["qa"]:
-            lines.append(f"| {r['condition']} | {r['answer_log_ppl']:.3f} | {r['positions']:.0f} | "
-                         f"{r['num_examples']} |")
+        lines += ["", "Held-out RAG QA (SFT format): log-perplexity of the answer.", ""]
+        lines += table_lines(["Passages", "answer log-PPL", "decoder positions", "examples"],
+                                [(r["condition"], f"{r['answer_log_ppl']:.3f}", f"{r['positions']:.0f}",
+                                  r["num_examples"]) for r in result["qa"]])
     if result.get("probe"):
         from .diagnose import probe_markdown
 

@@ -22,6 +22,8 @@ import math
 import re
 from pathlib import Path
 
+from refrag_vllm.markdown import table_lines
+
 from .data import read_jsonl
 
 CONDITIONS = ("No passages", "Compressed passages (REFRAG)", "Raw passages (vanilla RAG)")
@@ -105,13 +107,17 @@ def run(checkpoint: str, data: str | Path, out: str | Path, *, num: int = 200, m
 
 def markdown(result: dict) -> str:
     lines = [f"Greedy answers to {result['num_questions']} held-out questions ({result['data']}); content recall = "
-             "share of the reference answer's content words in the answer.", "",
-             "| Passages | content recall | vs no passages: mean ± s.e. (wins / losses) | decoder positions |",
-             "|---|---|---|---|"]
-    for r in result["rows"]:
+             "share of the reference answer's content words in the answer.", ""]
+
+    def versus(r):
+        if r["condition"] == CONDITIONS[0]:
+            return "—"
         d = r["vs_no_passages"]
-        vs = "—" if r["condition"] == CONDITIONS[0] else f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['wins']} / {d['losses']})"
-        lines.append(f"| {r['condition']} | {r['content_recall']:.3f} | {vs} | {r['positions']:.0f} |")
+        return f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['wins']} / {d['losses']})"
+
+    lines += table_lines(
+        ["Passages", "content recall", "vs no passages: mean ± s.e. (wins / losses)", "decoder positions"],
+        [(r["condition"], f"{r['content_recall']:.3f}", versus(r), f"{r['positions']:.0f}") for r in result["rows"]])
     return "\n".join(lines) + "\n"
 
 

@@ -170,6 +170,19 @@ def test_paired_difference_by_hand():
     assert abs(d["se"] - (sum((x - 0.0625) ** 2 for x in [0.25, 0.0, 0.5, -0.5]) / 3 / 4) ** 0.5) < 1e-12
 
 
+def test_qa_generation_table_reads_each_condition_against_no_passages():
+    from refrag_train.qa_generation import CONDITIONS, markdown
+
+    vs = {"mean": 0.0625, "se": 0.125, "wins": 2, "losses": 1}
+    rows = [{"condition": c, "content_recall": r, "positions": n, "vs_no_passages": vs}
+            for c, r, n in zip(CONDITIONS, (0.2, 0.25, 0.5), (40, 60, 300))]
+    lines = markdown({"num_questions": 4, "data": "heldout", "rows": rows}).splitlines()
+    assert lines[2] == "| Passages | content recall | vs no passages: mean ± s.e. (wins / losses) | decoder positions |"
+    assert lines[3] == "|---|---|---|---|"
+    assert lines[4] == f"| {CONDITIONS[0]} | 0.200 | — | 40 |"
+    assert lines[5] == f"| {CONDITIONS[1]} | 0.250 | +0.062 ± 0.125 (2 / 1) | 60 |"
+
+
 def _cache_stats(path):
     return json.loads(path.read_text())
 
