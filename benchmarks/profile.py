@@ -86,10 +86,10 @@ def main(argv=None) -> None:
              f"Command: `python -m benchmarks.profile --model {args.model} --mode {args.mode} --k {args.k} "
              f"--context {args.context} --out {args.out}`", ""]
     lines += table_lines(["request", "building the request s (policy s)", "engine TTFT s"],
-                            [(i, f"{b:.3f} ({p:.3f})", f"{t:.3f}") for i, (b, p, t) in enumerate(ttfts)])
+                        [(i, f"{b:.3f} ({p:.3f})", f"{t:.3f}") for i, (b, p, t) in enumerate(ttfts)])
     lines += ["", "Inclusive share of py-spy samples (whole recording, idle threads included):", ""]
     lines += table_lines(["share", "frame"],
-                            [(f"{100 * share:.1f}%", f"`{frame}`") for frame, share in summarize(collapsed)])
+                        [(f"{100 * share:.1f}%", f"`{frame}`") for frame, share in summarize(collapsed)])
     (out / f"{args.mode}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     engine.shutdown()

@@ -43,8 +43,8 @@ def throughput_table(res: dict) -> list[str]:
     rows = res["offline"]["throughput"]
     vanilla = next((r["output_tokens_per_s"] for r in rows if r["mode"] == "vanilla"), float("nan"))
     return table_lines(["mode", "context tokens", "requests", "output tokens", "seconds", "output tok/s", "× vanilla"],
-                  [[_label(r), r["context_tokens"], r["requests"], r["output_tokens"], f"{r['seconds']:.2f}",
-                    f"{r['output_tokens_per_s']:.2f}", f"{r['output_tokens_per_s'] / vanilla:.2f}"] for r in rows])
+                       [[_label(r), r["context_tokens"], r["requests"], r["output_tokens"], f"{r['seconds']:.2f}",
+                         f"{r['output_tokens_per_s']:.2f}", f"{r['output_tokens_per_s'] / vanilla:.2f}"] for r in rows])
 
 
 def transformers_table(res: dict) -> list[str]:
@@ -56,7 +56,7 @@ def transformers_table(res: dict) -> list[str]:
         vt = v["ttft_s"]["median"] if v else float("nan")
         table.append([r["context_tokens"], r["positions"], f"{hf:.3f}", f"{vt:.3f}", f"{hf / vt:.2f}"])
     return table_lines(["context tokens", "positions", "transformers prefill s", "vLLM vanilla TTFT s",
-                   "transformers ÷ vLLM"], table)
+                        "transformers ÷ vLLM"], table)
 
 
 def server_table(res: dict) -> list[str]:
@@ -70,15 +70,15 @@ def server_table(res: dict) -> list[str]:
         table.append([r["context_tokens"], _label(r), f"{r['positions']:.0f}",
                       f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})", speed, f"{1000 * r['tpot_s']:.1f}"])
     lines = table_lines(["context tokens", "mode", "positions", "TTFT s (median, min–max)", "speed-up vs vanilla",
-                    "TPOT ms"], table)
+                         "TPOT ms"], table)
     cross = res["server"].get("bench_serve") or []
     if cross:
         lines += ["", "Cross-check, vanilla, same prompts: our streaming client vs `vllm bench serve`",
                   "(max concurrency 1):", ""]
         lines += table_lines(["context tokens", "requests", "ours median TTFT ms", "vllm bench serve median TTFT ms",
-                         "difference"],
-                        [[c["context_tokens"], c["requests"], f"{c['ours_median_ttft_ms']:.0f}",
-                          f"{c['bench_serve_median_ttft_ms']:.0f}", f"{c['difference_pct']:+.1f}%"] for c in cross])
+                              "difference"],
+                             [[c["context_tokens"], c["requests"], f"{c['ours_median_ttft_ms']:.0f}",
+                               f"{c['bench_serve_median_ttft_ms']:.0f}", f"{c['difference_pct']:+.1f}%"] for c in cross])
     return lines
 
 

@@ -180,8 +180,8 @@ def markdown_table(result: dict) -> str:
     if result.get("qa"):
         lines += ["", "Held-out RAG QA (SFT format): log-perplexity of the answer.", ""]
         lines += table_lines(["Passages", "answer log-PPL", "decoder positions", "examples"],
-                                [(r["condition"], f"{r['answer_log_ppl']:.3f}", f"{r['positions']:.0f}",
-                                  r["num_examples"]) for r in result["qa"]])
+                             [(r["condition"], f"{r['answer_log_ppl']:.3f}", f"{r['positions']:.0f}",
+                               r["num_examples"]) for r in result["qa"]])
     if result.get("probe"):
         from .diagnose import probe_markdown
 
