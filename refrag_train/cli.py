@@ -82,6 +82,9 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    unknown = set(cfg.data.extra_train_stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"data.extra_train_stages: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     for folder in map(Path, cfg.data.extra_train):
         if not (folder / "train.jsonl").exists():
             raise SystemExit(f"data.extra_train: {folder}/train.jsonl is missing; prepare it with "
@@ -89,7 +92,20 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     model = TrainingModel(cfg, base_checkpoint)
-    corpus = None
+    corpora: dict[bool, TokenCorpus] = {}
+
+    def corpus_for(stage: str) -> TokenCorpus:
+        """``data.dir``'s training documents, with ``data.extra_train``'s where the stage reads them."""
+        extra = bool(cfg.data.extra_train) and stage in cfg.data.extra_train_stages
+        if extra not in corpora:
+            folders = [data_dir, *map(Path, cfg.data.extra_train)] if extra else [data_dir]
+            docs = [d for folder in folders for d in read_jsonl(folder / "train.jsonl")]
+            cache = run_dir / ("train_tokens_extra.npz" if extra else "train_tokens.npz")
+            corpora[extra] = TokenCorpus.cached([d["text"] for d in docs], model.tokenizer, cache)
+            print(f"training corpus ({', '.join(map(str, folders))}): {len(docs)} documents, "
+                  f"{corpora[extra].num_tokens} tokens")
+        return corpora[extra]
+
     previous = None
     final = None
     for name in STAGES:
@@ -106,11 +122,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             continue
         if previous is not None and not (run_dir / name / "last").exists():
             model.load_delta_weights(previous)
-        if corpus is None and (name != "sft" or cfg.sft.replay_batch_size):
-            docs = [d for folder in [data_dir, *map(Path, cfg.data.extra_train)]
-                    for d in read_jsonl(folder / "train.jsonl")]
-            corpus = TokenCorpus.cached([d["text"] for d in docs], model.tokenizer, run_dir / "train_tokens.npz")
-            print(f"training corpus: {len(docs)} documents, {corpus.num_tokens} tokens")
+        corpus = corpus_for(name) if name != "sft" or cfg.sft.replay_batch_size else None
         if name == "reconstruction":
             final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
         elif name == "reading":

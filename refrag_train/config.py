@@ -89,6 +89,10 @@ class DataConfig:
     extra_train: list[str] = field(default_factory=list)
     """More prepared folders whose ``train.jsonl`` joins the training corpus (windows are drawn
     in proportion to tokens); evaluation and SFT's QA stay on ``dir``."""
+    extra_train_stages: list[str] = field(
+        default_factory=lambda: ["reconstruction", "reading", "cpt", "policy", "sft"])
+    """The stages whose corpus holds ``extra_train``; the others draw from ``dir`` only (SFT's
+    corpus is its replay samples')."""
 
 
 @dataclass

@@ -114,9 +114,12 @@ def test_config_rejects_unknown_keys():
         config_from_dict({"cpt": {"learning_rate": 1e-4}})
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_config("no-such-config")
-    for name in ("cpu", "cpu_minilm", "probe", "gpu", "tiny", "ablation_long_recon", "ablation_encoder_cpt"):
+    for name in ("cpu", "quick", "cpu_minilm", "probe", "gpu", "tiny", "ablation_long_recon", "ablation_encoder_cpt",
+                 "ablation_cpu_noreading"):
         load_config(name)
-    assert load_config("cpu").run.default_chunk_size == 16
+    cpu = load_config("cpu")
+    assert cpu.run.default_chunk_size == 16
+    assert cpu.data.extra_train == ["data/fortunes"] and cpu.data.extra_train_stages == ["cpt", "policy", "sft"]
 
 
 # ---------------------------------------------------------------- policy maths
@@ -513,6 +516,7 @@ def trained(tiny_cfg, base_ckpt, tmp_path_factory):
     write_jsonl(data / "qa_train.jsonl", _qa_examples())
     cfg = copy.deepcopy(tiny_cfg)
     cfg.data.extra_train = [str(extra)]
+    cfg.data.extra_train_stages = ["cpt", "policy", "sft"]  # as configs/cpu.toml
     run = root / "run"
     final = train_stages(cfg, run, data, STAGES, base_checkpoint=base_ckpt)
     delta = copy_delta(final, run / "delta")
@@ -520,9 +524,21 @@ def trained(tiny_cfg, base_ckpt, tmp_path_factory):
     return ckpt, delta
 
 
-def test_training_corpus_holds_every_data_folder(trained):
-    with np.load(trained[1].parent / "train_tokens.npz", allow_pickle=False) as z:
+def test_extra_training_data_joins_only_its_stages(trained):
+    run = trained[1].parent
+    with np.load(run / "train_tokens.npz", allow_pickle=False) as z:  # reconstruction, reading
+        assert int(z["num_docs"]) == len(_corpus_texts()[::2])
+    with np.load(run / "train_tokens_extra.npz", allow_pickle=False) as z:  # CPT, policy, SFT's replay
         assert int(z["num_docs"]) == len(_corpus_texts())
+
+
+def test_extra_train_stages_must_name_stages(tiny_cfg, tmp_path):
+    from refrag_train.cli import train_stages
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.data.extra_train_stages = ["pretraining"]
+    with pytest.raises(SystemExit, match="extra_train_stages: unknown stage"):
+        train_stages(cfg, tmp_path / "run", tmp_path, ["reconstruction"])
 
 
 def test_missing_extra_data_folder_says_how_to_prepare_it(tiny_cfg, tmp_path):
