@@ -79,12 +79,10 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     from .samples import TokenCorpus
     from .sft import train_sft
 
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    unknown = set(cfg.data.extra_train_stages) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"data.extra_train_stages: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    for where, names in (("", stages), ("data.extra_train_stages: ", cfg.data.extra_train_stages)):
+        unknown = set(names) - set(STAGES)
+        if unknown:
+            raise SystemExit(f"{where}unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     for folder in map(Path, cfg.data.extra_train):
         if not (folder / "train.jsonl").exists():
             raise SystemExit(f"data.extra_train: {folder}/train.jsonl is missing; prepare it with "
