@@ -3,13 +3,22 @@
     python -m refrag_train.qa_generation --checkpoint CKPT --data data/gcide --out runs/qa-gcide [--num 200]
 
 Every question of ``qa_heldout.jsonl`` is answered by vLLM (the served model, greedy)
-three ways, in one engine and one run: with **no passages**, with its passages
-**compressed** (REFRAG), and with the same passages as raw tokens (**vanilla** RAG).
+four ways, in one engine and one run: with **no passages**, with its passages
+**compressed** (REFRAG), with the same passages as raw tokens (**vanilla** RAG), and, the
+control, with **another question's passages compressed** (the example half the list away,
+so from another page): what any compressed passages give an answer (its style, its length)
+without its content.
 The score is *content recall*: the fraction of the reference answer's content words
 (lower-cased words of 3+ letters, stop words removed) found in the generated answer.
-Compressed passages work when they score clearly above no passages, towards vanilla: each
-row also gives its paired difference from no passages over the same questions (mean ±
-standard error, and how many questions it wins and loses).
+Compressed passages work when they score clearly above no passages and above the control,
+towards vanilla: each row gives its paired difference from no passages over the same
+questions (mean ± standard error, and how many questions it wins and loses), and the table's
+last lines each treatment's paired difference from its control.
+
+Where every example names its answer's passage (``gold``, as the Python docs' QA does), two
+more rows separate *reading* a compressed passage from *finding* it among others: the
+answer's passage alone, compressed, and its control, another question's answer passage
+alone, compressed (the same other question's).
 
 Writes ``answers.jsonl`` (every answer) and ``qa_generation.json`` / ``.md`` (the table).
 """
@@ -26,7 +35,11 @@ from refrag_vllm.markdown import table_lines
 
 from .data import read_jsonl
 
-CONDITIONS = ("No passages", "Compressed passages (REFRAG)", "Raw passages (vanilla RAG)")
+CONDITIONS = ("No passages", "Compressed passages (REFRAG)", "Raw passages (vanilla RAG)",
+              "Compressed, another question's passages (control)")
+GOLD_CONDITIONS = ("Compressed, the answer's passage alone", "Compressed, another question's answer passage")
+CONTROLS = {CONDITIONS[1]: CONDITIONS[3], GOLD_CONDITIONS[0]: GOLD_CONDITIONS[1]}
+"""Each compressed treatment's control: the same layout with another question's passages."""
 STOP_WORDS = frozenset(
     "the and for are but not you all any can had her was one our out has him his how its may new now old see "
     "two way who did get let put say she too use that with have this will your from they been more when what "
@@ -56,13 +69,22 @@ def paired_difference(treatment: list[float], control: list[float]) -> dict:
 
 
 def build_prompts(builder, examples: list[dict]) -> dict[str, list[dict]]:
-    """``{condition: [prompt per example]}``."""
+    """``{condition: [prompt per example]}``: :data:`CONDITIONS`, then :data:`GOLD_CONDITIONS`
+    when there are two examples or more and each names its answer's passage (``gold``)."""
     prompts = {c: [] for c in CONDITIONS}
-    for ex in examples:
+    others = [examples[(i + len(examples) // 2) % len(examples)] for i in range(len(examples))]
+    for ex, other in zip(examples, others):
         q, ps = ex["question"], ex["passages"]
         prompts[CONDITIONS[0]].append(builder.build(q, []))
         prompts[CONDITIONS[1]].append(builder.build(q, ps))
         prompts[CONDITIONS[2]].append(builder.build(q, ps, expand=builder.every_chunk(ps)))
+        prompts[CONDITIONS[3]].append(builder.build(q, other["passages"]))
+    if len(examples) > 1 and all(ex.get("gold") is not None for ex in examples):
+        def gold(ex):
+            return [ex["passages"][ex["gold"]]]
+
+        prompts[GOLD_CONDITIONS[0]] = [builder.build(ex["question"], gold(ex)) for ex in examples]
+        prompts[GOLD_CONDITIONS[1]] = [builder.build(ex["question"], gold(o)) for ex, o in zip(examples, others)]
     return prompts
 
 
@@ -83,6 +105,10 @@ def answer_and_score(llm, builder, examples: list[dict], max_tokens: int = 48) -
         rows.append({"condition": condition, "content_recall": sum(recalls[condition]) / len(records),
                      "positions": sum(builder.num_positions(p) for p in batch) / len(batch),
                      "vs_no_passages": paired_difference(recalls[condition], recalls[CONDITIONS[0]])})
+    for row in rows:
+        control = CONTROLS.get(row["condition"])
+        if control in recalls:
+            row["vs_control"] = paired_difference(recalls[row["condition"]], recalls[control])
     return rows, records
 
 
@@ -118,6 +144,11 @@ def markdown(result: dict) -> str:
     lines += table_lines(
         ["Passages", "content recall", "vs no passages: mean ± s.e. (wins / losses)", "decoder positions"],
         [(r["condition"], f"{r['content_recall']:.3f}", versus(r), f"{r['positions']:.0f}") for r in result["rows"]])
+    for r in result["rows"]:
+        if "vs_control" in r:
+            d = r["vs_control"]
+            lines.append(f"\n{r['condition']} − its control ({CONTROLS[r['condition']]}): "
+                         f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['wins']} / {d['losses']})")
     return "\n".join(lines) + "\n"
 
 

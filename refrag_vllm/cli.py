@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -42,15 +43,42 @@ def demo_passages(tokenizer, tokens: int = 160) -> list[str]:
 
 
 def quiet_logs() -> None:
-    """Engine and library logs at error level, warnings off (set before vLLM is imported;
-    the engine process inherits them), so the demo's output is its answers."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    """Engine and library logs at error level, warnings and progress bars off, the engine
+    in this process (set before vLLM is imported), so that the demo prints its answers only.
+
+    vLLM configures its log handlers only when an engine starts: a warning logged while it is
+    imported (Triton's, on CPU) would reach Python's last-resort handler, so its logger is
+    set to the same level here.  In the engine's own process the same import would print it
+    again, hence ``VLLM_ENABLE_V1_MULTIPROCESSING=0``."""
+    import logging
     import warnings
 
+    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+                        ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TQDM_DISABLE", "1"), ("PYTHONWARNINGS", "ignore")):
+        os.environ.setdefault(name, value)
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
     warnings.simplefilter("ignore")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(enabled: bool = True):
+    """File descriptor 2 to ``/dev/null`` while the engine starts: the CPU worker's NUMA-binding
+    warning is written by C++ code, past Python's logging and warnings. An error still raises
+    (``--verbose`` shows what the engine printed)."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cmd_demo(args) -> None:
@@ -70,7 +98,8 @@ def cmd_demo(args) -> None:
     }
     if builder.expander is not None:
         prompts["REFRAG + policy expanding 10% of chunks"] = builder.build(question, passages, expand_fraction=0.1)
-    llm = make_llm(model)
+    with native_stderr_silenced(not args.verbose):
+        llm = make_llm(model, use_tqdm_on_load=args.verbose)
     params = SamplingParams(max_tokens=48, temperature=0.0)
     print(f"\nQ: {question}  (passages: the docstrings of json.dumps, json.loads, json.JSONDecoder)")
     for name, prompt in prompts.items():

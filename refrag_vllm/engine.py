@@ -110,11 +110,13 @@ KV_CACHE_BYTES = 2 << 30
 size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) refuses."""
 
 
-def make_llm(model: str | Path):
+def make_llm(model: str | Path, **engine_args):
     """An offline engine for this package's tools and examples (a fixed KV cache:
     :data:`KV_CACHE_BYTES`).  Precomputed chunk vectors (the policy's, the index's) come
-    from this process itself, so they are enabled (``enable_mm_embeds``)."""
+    from this process itself, so they are enabled (``enable_mm_embeds``).  ``engine_args``
+    (vLLM's) override these defaults."""
     from vllm import LLM
 
-    return LLM(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16",
-               kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
+    defaults = dict(enforce_eager=True, max_model_len=8192, dtype="bfloat16",
+                    kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
+    return LLM(model=str(model), **(defaults | engine_args))

@@ -147,19 +147,34 @@ def test_offline_bad_input_raises_and_engine_keeps_working(llm, builder, referen
 
 def test_qa_generation_answers_every_condition(llm, builder):
     """The held-out QA generation eval (refrag_train.qa_generation) on this engine."""
-    from refrag_train.qa_generation import CONDITIONS, answer_and_score, content_recall
+    from refrag_train.qa_generation import CONDITIONS, GOLD_CONDITIONS, answer_and_score, build_prompts, content_recall
 
     examples = [{"question": QUESTION, "answer": "Paris is the capital of France.", "passages": PASSAGES[:2]},
                 {"question": "What are tuples?", "answer": "Immutable sequences.", "passages": PASSAGES[1:]}]
     rows, records = answer_and_score(llm, builder, examples, max_tokens=8)
     assert [r["condition"] for r in rows] == list(CONDITIONS)
+    # with each example's answer passage named: that passage alone, and another example's as its control
+    gold = build_prompts(builder, [dict(ex, gold=i) for i, ex in enumerate(examples)])
+    assert list(gold) == list(CONDITIONS + GOLD_CONDITIONS)
+    assert [_prompt_content(p) for p in gold[GOLD_CONDITIONS[0]]] == [
+        _prompt_content(builder.build(QUESTION, [PASSAGES[0]])), _prompt_content(builder.build("What are tuples?", [PASSAGES[2]]))]
+    assert [_prompt_content(p) for p in gold[GOLD_CONDITIONS[1]]] == [
+        _prompt_content(builder.build(QUESTION, [PASSAGES[2]])), _prompt_content(builder.build("What are tuples?", [PASSAGES[0]]))]
     assert all(0.0 <= r["content_recall"] <= 1.0 for r in rows)
     by = {r["condition"]: r["positions"] for r in rows}
     assert by[CONDITIONS[0]] < by[CONDITIONS[1]] < by[CONDITIONS[2]]
+    prompts = build_prompts(builder, examples)  # the control: another example's passages, compressed
+    assert [_prompt_content(p) for p in prompts[CONDITIONS[3]]] == [
+        _prompt_content(builder.build(QUESTION, PASSAGES[1:])), _prompt_content(builder.build("What are tuples?", PASSAGES[:2]))]
     assert all(isinstance(rec[c], str) for rec in records for c in CONDITIONS)
     assert content_recall("The capital is Paris, in France", "Paris is the capital of France.") == 1.0
     assert content_recall("Berlin", "Paris is the capital of France.") == 0.0
     assert rows[0]["vs_no_passages"]["mean"] == 0.0 and rows[0]["vs_no_passages"]["wins"] == 0
+
+
+def _prompt_content(prompt):
+    """A built prompt's token ids and the texts of its compressed chunks."""
+    return prompt["prompt_token_ids"], [c.texts for c in prompt.get("multi_modal_data", {}).get("refrag_chunk", [])]
 
 
 def test_paired_difference_by_hand():
@@ -176,7 +191,9 @@ def test_qa_generation_table_reads_each_condition_against_no_passages():
     vs = {"mean": 0.0625, "se": 0.125, "wins": 2, "losses": 1}
     rows = [{"condition": c, "content_recall": r, "positions": n, "vs_no_passages": vs}
             for c, r, n in zip(CONDITIONS, (0.2, 0.25, 0.5), (40, 60, 300))]
+    rows[1]["vs_control"] = {"mean": 0.05, "se": 0.01, "wins": 3, "losses": 0}
     lines = markdown({"num_questions": 4, "data": "heldout", "rows": rows}).splitlines()
+    assert lines[-1] == f"{CONDITIONS[1]} − its control ({CONDITIONS[3]}): +0.050 ± 0.010 (3 / 0)"
     assert lines[2] == "| Passages | content recall | vs no passages: mean ± s.e. (wins / losses) | decoder positions |"
     assert lines[3] == "|---|---|---|---|"
     assert lines[4] == f"| {CONDITIONS[0]} | 0.200 | — | 40 |"
