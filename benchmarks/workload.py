@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refrag_vllm.prompt import rag_user_message
 from refrag_vllm.retrieval.corpora import docstring_texts
 
 QUESTION = "Which function should I use, and what does it return?"
-INSTRUCTION = "Answer the question using these passages."
 
 
 class PassageSource:
@@ -61,8 +61,8 @@ class PassageSource:
 
 
 def plain_user_message(question: str, passages: list[str]) -> str:
-    """Vanilla RAG: the same instruction, passages and question as plain text."""
-    return f"{INSTRUCTION}\n\n" + "\n\n".join(passages) + f"\n\nQuestion: {question}"
+    """Vanilla RAG: the REFRAG user turn's layout, with the passages as plain text."""
+    return rag_user_message(passages, question)
 
 
 def chat_text(tokenizer, content: str) -> str:
@@ -112,7 +112,7 @@ class RequestFactory:
         self._replace = dataclasses.replace
         self.source = PassageSource(self.tokenizer, passage_tokens)
         self._reference = RefragReferenceModel.load(model_dir, dtype=torch.float32)
-        head, tail = chat_text(self.tokenizer, f"{INSTRUCTION}\n\n\x00\n\nQuestion: {question}").split("\x00")
+        head, tail = chat_text(self.tokenizer, rag_user_message(["\x00"], question)).split("\x00")
         self._head = self.tokenizer(head, add_special_tokens=False)["input_ids"]
         self._tail = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
 
