@@ -69,17 +69,20 @@ def paired_difference(treatment: list[float], control: list[float]) -> dict:
 
 
 def build_prompts(builder, examples: list[dict]) -> dict[str, list[dict]]:
-    """``{condition: [prompt per example]}``: :data:`CONDITIONS`, then :data:`GOLD_CONDITIONS`
-    when there are two examples or more and each names its answer's passage (``gold``)."""
-    prompts = {c: [] for c in CONDITIONS}
-    others = [examples[(i + len(examples) // 2) % len(examples)] for i in range(len(examples))]
-    for ex, other in zip(examples, others):
+    """``{condition: [prompt per example]}``: the first three :data:`CONDITIONS`; with two
+    examples or more, the control (another question's passages), and :data:`GOLD_CONDITIONS`
+    when each example names its answer's passage (``gold``)."""
+    prompts = {c: [] for c in CONDITIONS[:3]}
+    for ex in examples:
         q, ps = ex["question"], ex["passages"]
         prompts[CONDITIONS[0]].append(builder.build(q, []))
         prompts[CONDITIONS[1]].append(builder.build(q, ps))
         prompts[CONDITIONS[2]].append(builder.build(q, ps, expand=builder.every_chunk(ps)))
-        prompts[CONDITIONS[3]].append(builder.build(q, other["passages"]))
-    if len(examples) > 1 and all(ex.get("gold") is not None for ex in examples):
+    if len(examples) < 2:  # no other question to take passages from
+        return prompts
+    others = [examples[(i + len(examples) // 2) % len(examples)] for i in range(len(examples))]
+    prompts[CONDITIONS[3]] = [builder.build(ex["question"], o["passages"]) for ex, o in zip(examples, others)]
+    if all(ex.get("gold") is not None for ex in examples):
         def gold(ex):
             return [ex["passages"][ex["gold"]]]
 

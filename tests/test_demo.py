@@ -11,10 +11,10 @@ pytestmark = pytest.mark.engine
 ENGINE_LOG_LINES = ("Triton", "NUMA", "Loading safetensors", "INFO ", "WARNING ")
 
 
-def run_demo(model, *flags):
+def run_demo(model):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("VLLM_", "TQDM_", "TRANSFORMERS_VERBOSITY"))}
-    out = subprocess.run([sys.executable, "-m", "refrag_vllm.cli", "demo", "--model", str(model), *flags],
+    out = subprocess.run([sys.executable, "-m", "refrag_vllm.cli", "demo", "--model", str(model)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr

@@ -153,19 +153,23 @@ def test_qa_generation_answers_every_condition(llm, builder):
                 {"question": "What are tuples?", "answer": "Immutable sequences.", "passages": PASSAGES[1:]}]
     rows, records = answer_and_score(llm, builder, examples, max_tokens=8)
     assert [r["condition"] for r in rows] == list(CONDITIONS)
+    def built(question, passages):
+        return _prompt_content(builder.build(question, passages))
+
     # with each example's answer passage named: that passage alone, and another example's as its control
     gold = build_prompts(builder, [dict(ex, gold=i) for i, ex in enumerate(examples)])
     assert list(gold) == list(CONDITIONS + GOLD_CONDITIONS)
     assert [_prompt_content(p) for p in gold[GOLD_CONDITIONS[0]]] == [
-        _prompt_content(builder.build(QUESTION, [PASSAGES[0]])), _prompt_content(builder.build("What are tuples?", [PASSAGES[2]]))]
+        built(QUESTION, [PASSAGES[0]]), built("What are tuples?", [PASSAGES[2]])]
     assert [_prompt_content(p) for p in gold[GOLD_CONDITIONS[1]]] == [
-        _prompt_content(builder.build(QUESTION, [PASSAGES[2]])), _prompt_content(builder.build("What are tuples?", [PASSAGES[0]]))]
+        built(QUESTION, [PASSAGES[2]]), built("What are tuples?", [PASSAGES[0]])]
+    assert list(build_prompts(builder, examples[:1])) == list(CONDITIONS[:3])  # one question: no other's passages
     assert all(0.0 <= r["content_recall"] <= 1.0 for r in rows)
     by = {r["condition"]: r["positions"] for r in rows}
     assert by[CONDITIONS[0]] < by[CONDITIONS[1]] < by[CONDITIONS[2]]
     prompts = build_prompts(builder, examples)  # the control: another example's passages, compressed
     assert [_prompt_content(p) for p in prompts[CONDITIONS[3]]] == [
-        _prompt_content(builder.build(QUESTION, PASSAGES[1:])), _prompt_content(builder.build("What are tuples?", PASSAGES[:2]))]
+        built(QUESTION, PASSAGES[1:]), built("What are tuples?", PASSAGES[:2])]
     assert all(isinstance(rec[c], str) for rec in records for c in CONDITIONS)
     assert content_recall("The capital is Paris, in France", "Paris is the capital of France.") == 1.0
     assert content_recall("Berlin", "Paris is the capital of France.") == 0.0
