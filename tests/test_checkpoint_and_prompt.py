@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PASSAGES, QUESTION
+from helpers import PASSAGES, QUESTION
 from refrag_vllm import CompressedChunks, decode_embeds, encode_embeds
 from refrag_vllm.chunks import validate_item
 from refrag_vllm.config import CheckpointMismatchError, load_refrag_config

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
+from helpers import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks
 
 pytestmark = pytest.mark.engine

@@ -9,7 +9,7 @@ One engine for the module (prefix caching on, chunked prefill in small steps).""
 import pytest
 import torch
 
-from conftest import (PASSAGES, QUESTION, assert_matches_reference, greedy, load_reference_and_builder, make_llm,
+from helpers import (PASSAGES, QUESTION, assert_matches_reference, greedy, load_reference_and_builder, make_llm,
                       shutdown_llm)
 from refrag_vllm import CompressedChunks
 

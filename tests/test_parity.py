@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
+from helpers import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks, Passage
 from refrag_vllm.chunk_cache import STATS_FILE_ENV
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import QUESTION, greedy, make_llm, shutdown_llm
+from helpers import QUESTION, greedy, make_llm, shutdown_llm
 
 pytestmark = pytest.mark.engine
 

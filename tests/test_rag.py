@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LOGPROB_ATOL, greedy, make_llm, shutdown_llm
+from helpers import LOGPROB_ATOL, greedy, make_llm, shutdown_llm
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from conftest import EXACT, LOGPROB_ATOL, PASSAGES, assert_server_serves, check_chat, marked, openai_client, serve_tiny, token_id
+from helpers import EXACT, LOGPROB_ATOL, PASSAGES, assert_server_serves, check_chat, marked, openai_client, serve_tiny, token_id
 from refrag_vllm import CompressedChunks, encode_embeds
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]

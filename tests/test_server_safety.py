@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from conftest import EXACT, PASSAGES, assert_server_serves, check_chat, chat_prompt, marked, openai_client, serve_tiny
+from helpers import EXACT, PASSAGES, assert_server_serves, check_chat, chat_prompt, marked, openai_client, serve_tiny
 from refrag_vllm import CompressedChunks, encode_embeds, passage
 from refrag_vllm.prompt import Passage
 

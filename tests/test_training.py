@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import PASSAGES
+from helpers import PASSAGES
 
 from refrag_train.config import CurriculumConfig, config_from_dict, load_config
 from refrag_train.curriculum import curriculum_batches, geometric_counts, stage_counts
@@ -565,7 +565,7 @@ def test_export_writes_a_checkpoint_with_trained_heads(trained):
 
 @pytest.mark.engine
 def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
-    from conftest import LOGPROB_ATOL, make_llm, shutdown_llm
+    from helpers import LOGPROB_ATOL, make_llm, shutdown_llm
     from vllm import SamplingParams
 
     from refrag_vllm import RefragPromptBuilder
