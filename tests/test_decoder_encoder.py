@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import (PASSAGES, QUESTION, assert_matches_reference, greedy, load_reference_and_builder, make_llm,
-                      shutdown_llm)
+                     shutdown_llm)
 from refrag_vllm import CompressedChunks
 
 
