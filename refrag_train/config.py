@@ -194,6 +194,10 @@ class SFTConfig:
     """With a weight > 0, the replay samples' loss is this weight times the KL divergence from
     the model as it entered SFT (the previous stage's frozen weights) instead of their NLL:
     the whole next-token distribution is kept, not just the observed token's probability."""
+    raw_distill: float = 0.0
+    """With a weight > 0, every QA answer also learns, at this weight, the KL divergence from the
+    model as it entered SFT reading the same passages as raw tokens: the compressed answer is
+    taught the whole distribution that reading the text gives, not just the reference's tokens."""
 
 
 @dataclass

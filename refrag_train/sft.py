@@ -8,10 +8,13 @@ holds CPT samples (next-paragraph prediction) and adds their mean loss: without 
 SFT washed out much of what CPT taught the model about compressed contexts.  With
 ``replay_distill``, that loss is the KL divergence from the model as it entered SFT
 (learning without forgetting), which keeps more of it than the replay samples' NLL.
+With ``raw_distill``, the answers also learn the KL divergence from that model reading
+the passages as raw tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from refrag_vllm.prompt import RefragPromptBuilder
@@ -25,8 +28,6 @@ NAME = "sft"
 
 
 def prompt_builder(model: TrainingModel, chunk_size: int | None = None) -> RefragPromptBuilder:
-    import dataclasses
-
     cfg = model.refrag.refrag_config
     if chunk_size:
         cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
@@ -49,6 +50,11 @@ def make_batch(model: TrainingModel, examples: list[dict], step: int, corpus: To
     eos = end_of_turn_id(model.tokenizer)
     batch = rng.sample(examples, min(sc.batch_size, len(examples)))
     qa = [qa_sample(builder, ex["question"], ex["passages"], ex["answer"], eos) for ex in batch]
+    if sc.raw_distill:  # the teacher reads every passage as raw tokens
+        qa = [dataclasses.replace(s, teacher_prompt=qa_sample(
+                  builder, ex["question"], ex["passages"], ex["answer"], eos,
+                  expand=builder.every_chunk(ex["passages"])).prompt)
+              for s, ex in zip(qa, batch)]
     if not sc.replay_batch_size:
         return qa
     k = model.cfg.run.default_chunk_size
@@ -58,7 +64,7 @@ def make_batch(model: TrainingModel, examples: list[dict], step: int, corpus: To
 
 def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus: TokenCorpus | None = None,
               *, teacher_delta: Path | None = None, use_mlflow: bool = False) -> Path:
-    """``teacher_delta``: the previous stage's final weights, needed with ``replay_distill``."""
+    """``teacher_delta``: the previous stage's final weights, needed with ``replay_distill`` or ``raw_distill``."""
     sc = model.cfg.sft
     if not examples:
         raise ValueError("sft: no QA examples")
@@ -66,21 +72,26 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus:
         raise ValueError("sft: replay_batch_size needs the training corpus")
     if sc.replay_distill and (not sc.replay_batch_size or teacher_delta is None):
         raise ValueError("sft: replay_distill needs replay_batch_size > 0 and the previous stage's weights")
+    if sc.raw_distill and teacher_delta is None:
+        raise ValueError("sft: raw_distill needs the previous stage's weights")
     groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
               + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
-    teacher = model.frozen_copy(teacher_delta).refrag if sc.replay_distill else None
+    teacher = model.frozen_copy(teacher_delta).refrag if sc.replay_distill or sc.raw_distill else None
     for step in stage.steps():
         batch = make_batch(model, examples, step, corpus)
         if not sc.replay_batch_size:
-            losses = {"": nll_loss(model.refrag, batch)}
-        elif teacher is None:  # each group's mean NLL, from one forward pass
+            losses = {"qa": nll_loss(model.refrag, batch)}
+        elif not sc.replay_distill:  # each group's mean NLL, from one forward pass
             losses = dict(zip(batch, group_nll_losses(model.refrag, list(batch.values()))))
         else:  # the answers by NLL, the replayed CPT samples by KL from the model as it entered SFT
             losses = {"qa": nll_loss(model.refrag, batch["qa"]),
                       "replay_kl": sc.replay_distill * distill_loss(model.refrag, teacher, batch["replay"])}
+        if sc.raw_distill:  # the answers by KL from the same model reading the passages raw
+            qa = batch["qa"] if sc.replay_batch_size else batch
+            losses["qa_raw_kl"] = sc.raw_distill * distill_loss(model.refrag, teacher, qa)
         loss = sum(losses.values())
-        parts = {f"loss_{name}": v.item() for name, v in losses.items() if name}
+        parts = {f"loss_{name}": v.item() for name, v in losses.items() if len(losses) > 1}
         stage.log(step, loss=loss.item(), **stage.update(step, loss), **parts)
         stage.checkpoint(step)
     return stage.finish()
