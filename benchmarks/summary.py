@@ -13,6 +13,8 @@ measured side by side in one run, or a byte count:
   lowest concurrency level, ``warm_concurrency``);
 * ``warm_text_vs_vanilla_prefix_ttft_p50``: vanilla with vLLM's prefix cache over REFRAG
   text passages with the chunk-vector cache;
+* ``index_vs_encoder_rate`` (``benchmarks.index_rate --summary FILE``): the index build's
+  chunks/s over the checkpoint's encoder + projector alone on the same chunks;
 * ``bytes_per_cached_chunk`` (one projected vector in the chunk-vector cache) and
   ``kv_bytes_per_chunk`` (the KV cache of the k tokens it stands for).
 """

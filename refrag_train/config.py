@@ -195,9 +195,12 @@ class SFTConfig:
     the model as it entered SFT (the previous stage's frozen weights) instead of their NLL:
     the whole next-token distribution is kept, not just the observed token's probability."""
     raw_distill: float = 0.0
-    """With a weight > 0, every QA answer also learns, at this weight, the KL divergence from the
-    model as it entered SFT reading the same passages as raw tokens: the compressed answer is
-    taught the whole distribution that reading the text gives, not just the reference's tokens."""
+    """With a weight > 0, every QA answer also learns, at this weight, the KL divergence from a
+    teacher reading the same passages as raw tokens: the compressed answer is taught the whole
+    distribution that reading the text gives, not just the reference's tokens."""
+    raw_distill_teacher: str = "current"
+    """``current``: the teacher is the model being trained (no gradient through it), so it reads
+    the raw passages as well as SFT has taught it so far; ``start``: the model as it entered SFT."""
 
 
 @dataclass

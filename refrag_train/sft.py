@@ -8,8 +8,9 @@ holds CPT samples (next-paragraph prediction) and adds their mean loss: without 
 SFT washed out much of what CPT taught the model about compressed contexts.  With
 ``replay_distill``, that loss is the KL divergence from the model as it entered SFT
 (learning without forgetting), which keeps more of it than the replay samples' NLL.
-With ``raw_distill``, the answers also learn the KL divergence from that model reading
-the passages as raw tokens.
+With ``raw_distill``, the answers also learn the KL divergence from a model reading the
+passages as raw tokens: the one being trained (``raw_distill_teacher = "current"``, no
+gradient through it) or the one that entered SFT (``"start"``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def make_batch(model: TrainingModel, examples: list[dict], step: int, corpus: To
 
 def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus: TokenCorpus | None = None,
               *, teacher_delta: Path | None = None, use_mlflow: bool = False) -> Path:
-    """``teacher_delta``: the previous stage's final weights, needed with ``replay_distill`` or ``raw_distill``."""
+    """``teacher_delta``: the previous stage's final weights, needed with ``replay_distill`` and with
+    ``raw_distill`` from the ``start``."""
     sc = model.cfg.sft
     if not examples:
         raise ValueError("sft: no QA examples")
@@ -72,12 +74,16 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus:
         raise ValueError("sft: replay_batch_size needs the training corpus")
     if sc.replay_distill and (not sc.replay_batch_size or teacher_delta is None):
         raise ValueError("sft: replay_distill needs replay_batch_size > 0 and the previous stage's weights")
-    if sc.raw_distill and teacher_delta is None:
-        raise ValueError("sft: raw_distill needs the previous stage's weights")
+    if sc.raw_distill_teacher not in ("current", "start"):
+        raise ValueError(f"sft: raw_distill_teacher is 'current' or 'start', not {sc.raw_distill_teacher!r}")
+    from_start = bool(sc.raw_distill) and sc.raw_distill_teacher == "start"
+    if from_start and teacher_delta is None:
+        raise ValueError("sft: raw_distill from the start needs the previous stage's weights")
     groups = (["projector"] + ([DECODER_LORA] if sc.train_decoder else [])
               + ([ENCODER_LORA] if sc.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
-    teacher = model.frozen_copy(teacher_delta).refrag if sc.replay_distill or sc.raw_distill else None
+    start = model.frozen_copy(teacher_delta).refrag if sc.replay_distill or from_start else None
+    raw_teacher = start if from_start else model.refrag
     for step in stage.steps():
         batch = make_batch(model, examples, step, corpus)
         if not sc.replay_batch_size:
@@ -86,10 +92,10 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus:
             losses = dict(zip(batch, group_nll_losses(model.refrag, list(batch.values()))))
         else:  # the answers by NLL, the replayed CPT samples by KL from the model as it entered SFT
             losses = {"qa": nll_loss(model.refrag, batch["qa"]),
-                      "replay_kl": sc.replay_distill * distill_loss(model.refrag, teacher, batch["replay"])}
-        if sc.raw_distill:  # the answers by KL from the same model reading the passages raw
+                      "replay_kl": sc.replay_distill * distill_loss(model.refrag, start, batch["replay"])}
+        if sc.raw_distill:  # the answers by KL from a model reading the passages raw
             qa = batch["qa"] if sc.replay_batch_size else batch
-            losses["qa_raw_kl"] = sc.raw_distill * distill_loss(model.refrag, teacher, qa)
+            losses["qa_raw_kl"] = sc.raw_distill * distill_loss(model.refrag, raw_teacher, qa)
         loss = sum(losses.values())
         parts = {f"loss_{name}": v.item() for name, v in losses.items() if len(losses) > 1}
         stage.log(step, loss=loss.item(), **stage.update(step, loss), **parts)

@@ -153,3 +153,21 @@ def test_missing_index_and_wrong_checkpoint_or_k(index, tiny_ckpt, tmp_path):
     index.check_model(tiny_ckpt)
     meta = json.loads((index.path / META).read_text())
     assert meta["cache"]["k"] == 16 and meta["num_passages"] == 120
+
+
+def test_index_rate_benchmark_builds_the_index_it_times(tiny_ckpt, tmp_path):
+    """The --quick profile of benchmarks.index_rate: both arms over the same chunks, a full
+    index (checked inside), well-formed files, and the ratio merged into a summary.
+    Timings are not asserted (benchmarks measure; tests check behaviour)."""
+    from benchmarks.index_rate import main
+
+    summary = tmp_path / "results.json"
+    summary.write_text(json.dumps({"summary": {"kv_bytes_per_chunk": 1}}))
+    main(["--quick", "--model", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--summary", str(summary)])
+    result = json.loads((tmp_path / "out" / "index_rate.json").read_text())
+    assert result["passages"] == 24 and result["chunks"] >= 24 * 64 // 16
+    assert [r["arm"] for r in result["rows"]] == ["index", "encoder + projector", "retriever"]
+    assert all(r["seconds"] > 0 and r["chunks_per_s"] > 0 for r in result["rows"])
+    assert json.loads(summary.read_text())["summary"] == {
+        "kv_bytes_per_chunk": 1, "index_vs_encoder_rate": result["index_vs_encoder_rate"]}
+    assert "index_vs_encoder_rate" in (tmp_path / "out" / "index_rate.md").read_text()

@@ -378,17 +378,22 @@ def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, ba
 
 def test_sft_raw_distillation_teaches_the_answers_what_raw_passages_give(tiny_cfg, base_ckpt, tmp_path):
     """raw_distill: each QA sample's teacher reads the same passages as raw tokens and scores
-    the same answer tokens; the KL is logged beside the answers' NLL."""
+    the same answer tokens; the KL is logged beside the answers' NLL.  The teacher is the model
+    being trained (``current``) or the one SFT started from (``start``, which needs its weights)."""
     import dataclasses
 
     from refrag_train import sft
     from refrag_train.trainer import distill_loss
 
-    cfg = dataclasses.replace(tiny_cfg, sft=dataclasses.replace(tiny_cfg.sft, raw_distill=1.0,
-                                                                  replay_batch_size=0))
-    model = _model(cfg, base_ckpt)
+    def config(teacher):
+        return dataclasses.replace(tiny_cfg, sft=dataclasses.replace(
+            tiny_cfg.sft, raw_distill=1.0, raw_distill_teacher=teacher, replay_batch_size=0))
+
+    model = _model(config("start"), base_ckpt)
     with pytest.raises(ValueError, match="previous stage"):
         sft.train_sft(model, _qa_examples(), tmp_path, None)
+    with pytest.raises(ValueError, match="'current' or 'start'"):
+        sft.train_sft(_model(config("teacher"), base_ckpt), _qa_examples(), tmp_path, None)
     qa = sft.make_batch(model, _qa_examples(), 0, None)
     for sample in qa:
         raw, n = sample.teacher_prompt, sample.num_targets
@@ -399,10 +404,13 @@ def test_sft_raw_distillation_teaches_the_answers_what_raw_passages_give(tiny_cf
     start = model.save_delta(tmp_path / "start")
     with torch.no_grad():  # unlike replay's, this KL is not zero at the start: the teacher reads more
         assert distill_loss(model.refrag, model.frozen_copy(start).refrag, qa).item() > 0
-    sft.train_sft(model, _qa_examples(), tmp_path, None, teacher_delta=start)
-    log = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["loss_qa_raw_kl"] > 0 for r in log)
-    assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_qa_raw_kl"], rel_tol=1e-5) for r in log)
+    for teacher in ("start", "current"):
+        run = tmp_path / teacher
+        model = _model(config(teacher), base_ckpt)
+        sft.train_sft(model, _qa_examples(), run, None, teacher_delta=start if teacher == "start" else None)
+        log = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["loss_qa_raw_kl"] > 0 for r in log)
+        assert all(math.isclose(r["loss"], r["loss_qa"] + r["loss_qa_raw_kl"], rel_tol=1e-5) for r in log)
 
 
 def test_cpt_distills_the_base_decoder_reading_the_context_raw(tiny_cfg, base_ckpt, tmp_path):

@@ -339,20 +339,25 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
 def build_index(corpus: str | Path, out: str | Path, model_dir: str | Path, *, retriever: str | None = None,
                 batch_size: int = 64, progress: bool = True) -> PassageIndex:
     """Index a corpus (or add its new passages to ``out``) in one process."""
+    records = read_corpus(corpus)
+    embedder = Retriever(retriever)
+    writer = IndexWriter(out, cache_identity(model_dir), embedder.name)
+    todo = new_records(records, writer.known)
+    if todo:
+        add_passages(writer, todo, embedder, CacheProjector(model_dir), batch_size=batch_size, progress=progress)
+    return PassageIndex.open(out)
+
+
+def add_passages(writer: IndexWriter, records: Sequence[PassageRecord], retriever: Retriever,
+                 projector: CacheProjector, *, batch_size: int = 64, progress: bool = True) -> None:
+    """Embed, project and commit ``records`` in batches of ``batch_size`` passages."""
     from tqdm import tqdm
 
-    records = read_corpus(corpus)
-    identity = cache_identity(model_dir)
-    embedder = Retriever(retriever)
-    writer = IndexWriter(out, identity, embedder.name)
-    todo = new_records(records, writer.known)
-    projector = CacheProjector(model_dir) if todo else None
-    with tqdm(total=len(todo), desc="indexing", unit="passage", disable=not progress) as bar:
-        for batch in batches(todo, batch_size):
+    with tqdm(total=len(records), desc="indexing", unit="passage", disable=not progress) as bar:
+        for batch in batches(records, batch_size):
             texts = [r.text for r in batch]
-            writer.add(batch, embedder.embed(texts), projector.project(texts))
+            writer.add(batch, retriever.embed(texts), projector.project(texts))
             bar.update(len(batch))
-    return PassageIndex.open(out)
 
 
 def new_records(records: Iterable[PassageRecord], known: set[str]) -> list[PassageRecord]:
