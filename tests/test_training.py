@@ -683,6 +683,29 @@ def test_shipped_delta_is_small_and_complete():
             assert not absolute.search(data), f"{path} holds an absolute path: {absolute.search(data)}"
 
 
+@pytest.mark.slow
+def test_stage_weights_resume_the_cpu_recipe():
+    """refrag_train/stage_weights/*: run folders whose last stage is finished, whose weights load
+    into the CPU recipe's model as they are, and which name no machine's path."""
+    from pathlib import Path
+
+    from refrag_train.cli import STAGES, latest_delta
+    from refrag_train.model import TrainingModel
+    from refrag_vllm.delta import read_delta_meta
+
+    root = Path(__file__).resolve().parents[1] / "refrag_train" / "stage_weights"
+    runs = sorted(p for p in root.iterdir() if p.is_dir())
+    assert "cpu-reading" in [p.name for p in runs]
+    model = TrainingModel(load_config("cpu"))
+    for run in runs:
+        final = latest_delta(run)
+        stage = final.parent.name
+        assert read_delta_meta(final)["stage"] == stage and run.name == f"cpu-{stage}"
+        assert all((run / s / "metrics.jsonl").exists() for s in STAGES[: STAGES.index(stage) + 1])
+        model.load_delta_weights(final)
+        assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
 def test_default_checkpoint_rebuilt_when_shipped_weights_change(tmp_path):
     """A checkpoint built from the shipped delta is stale once that delta changes; others are left alone."""
     from refrag_vllm.engine import BUILT_FROM, stale_default_checkpoint
