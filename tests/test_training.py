@@ -695,7 +695,7 @@ def test_stage_weights_resume_the_cpu_recipe():
 
     root = Path(__file__).resolve().parents[1] / "refrag_train" / "stage_weights"
     runs = sorted(p for p in root.iterdir() if p.is_dir())
-    assert "cpu-reading" in [p.name for p in runs]
+    assert [p.name for p in runs] == ["cpu-policy", "cpu-reading"]
     model = TrainingModel(load_config("cpu"))
     for run in runs:
         final = latest_delta(run)
