@@ -5,7 +5,7 @@
 
 Both arms run in this one process, over the same real passages (docstrings,
 :class:`benchmarks.workload.PassageSource`), with their models loaded before the clock
-starts and one untimed batch each first:
+starts and one untimed index batch first:
 
 * ``index``: what ``refrag-vllm index`` does per batch of ``batch_size`` passages
   (:func:`refrag_vllm.retrieval.index.add_passages`: the retriever's passage embeddings,
@@ -93,10 +93,9 @@ def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print) -> dict:
         for group in batches(texts, cfg.batch_size):
             retriever.embed(group)
 
-    try:
+    try:  # one untimed index batch warms up both models
         add_passages(IndexWriter(work / "warm-up", identity, retriever.name), records[: cfg.batch_size],
                      retriever, projector, batch_size=cfg.batch_size, progress=False)
-        projector.chunk_embedder.embed(calls[0])
         index_s = _best_seconds(build, cfg.repeats)
         encoder_s = _best_seconds(encode, cfg.repeats)
         retriever_s = _best_seconds(retrieve, cfg.repeats)

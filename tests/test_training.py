@@ -672,10 +672,14 @@ def test_shipped_delta_is_small_and_complete():
     assert size < 20 * 2**20, size
     for name in ("adapter_config.json", "adapter_model.safetensors", "refrag_heads.safetensors"):
         assert (SHIPPED_DELTA / name).exists()
-    # A shipped file names no machine's path.
     assert json.loads((SHIPPED_DELTA / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    _assert_no_machine_paths(SHIPPED_DELTA.parent)
+
+
+def _assert_no_machine_paths(folder) -> None:
+    """No file below ``folder`` names a machine's absolute path."""
     absolute = re.compile(rb"(?<![\w.:/])/(?:work|root|home|tmp|usr|opt|mnt|Users|var)/")
-    for path in SHIPPED_DELTA.parent.rglob("*"):
+    for path in folder.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             if path.suffix == ".safetensors":  # its JSON header is the only text in it
@@ -704,6 +708,7 @@ def test_stage_weights_resume_the_cpu_recipe():
         assert all((run / s / "metrics.jsonl").exists() for s in STAGES[: STAGES.index(stage) + 1])
         model.load_delta_weights(final)
         assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    _assert_no_machine_paths(root)
 
 
 def test_default_checkpoint_rebuilt_when_shipped_weights_change(tmp_path):
