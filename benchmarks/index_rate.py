@@ -13,7 +13,8 @@ starts and one untimed index batch first:
 * ``encoder + projector``: :meth:`ChunkEmbedder.embed` alone over the same chunk texts, as
   many chunks per call as one index batch holds;
 * ``retriever``: the retriever's passage embeddings alone, in the same batches (the index's
-  other model: what it costs beyond the encoder + projector).
+  other model: what it costs beyond the encoder + projector), in its default bfloat16 and in
+  float32, with the cosine between the two dtypes' embeddings.
 
 Each arm runs ``repeats`` times and keeps its fastest. ``index_vs_encoder_rate`` is the
 index's chunks/s over the encoder + projector's (``--summary FILE`` merges it into FILE's
@@ -30,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from refrag_vllm.markdown import table_lines
@@ -40,12 +42,18 @@ from .summary import merge_summary
 
 @dataclass
 class IndexRateProfile:
+    """A profile; every field is also a command-line flag."""
+
     passages: int = 256
+    """Passages indexed (real docstrings, :class:`benchmarks.workload.PassageSource`)."""
     passage_tokens: int = 256
+    """Decoder tokens per passage: ``passage_tokens / k`` chunks each."""
     batch_size: int = 64
     """Passages per index batch (``refrag-vllm index --batch-size``'s default)."""
     repeats: int = 2
+    """Runs of each arm; the fastest counts."""
     threads: int = 2
+    """Torch threads."""
 
 
 PROFILES = {"default": IndexRateProfile(),
@@ -89,26 +97,33 @@ def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print) -> dict:
         for call in calls:
             projector.chunk_embedder.embed(call)
 
-    def retrieve() -> None:
-        for group in batches(texts, cfg.batch_size):
-            retriever.embed(group)
+    def retrieve(model: Retriever) -> np.ndarray:
+        return np.concatenate([model.embed(group) for group in batches(texts, cfg.batch_size)])
 
     try:  # one untimed index batch warms up both models
         add_passages(IndexWriter(work / "warm-up", identity, retriever.name), records[: cfg.batch_size],
                      retriever, projector, batch_size=cfg.batch_size, progress=False)
         index_s = _best_seconds(build, cfg.repeats)
         encoder_s = _best_seconds(encode, cfg.repeats)
-        retriever_s = _best_seconds(retrieve, cfg.repeats)
+        retriever_s = _best_seconds(lambda: retrieve(retriever), cfg.repeats)
+        # The index's retriever dtype against float32: the time, and how far the embeddings move.
+        retriever32 = Retriever(dtype="float32")
+        retriever32.embed(texts[: cfg.batch_size])
+        retriever32_s = _best_seconds(lambda: retrieve(retriever32), cfg.repeats)
+        cosine = (retrieve(retriever) * retrieve(retriever32)).sum(axis=1)
         index = PassageIndex.open(index_dir)
         if index.meta["num_chunk_rows"] != num_chunks:
             raise RuntimeError(f"the index holds {index.meta['num_chunk_rows']} chunks, not {num_chunks}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [{"arm": arm, "seconds": s, "passages_per_s": len(texts) / s, "chunks_per_s": num_chunks / s}
-            for arm, s in (("index", index_s), ("encoder + projector", encoder_s), ("retriever", retriever_s))]
+            for arm, s in (("index", index_s), ("encoder + projector", encoder_s), ("retriever", retriever_s),
+                           ("retriever, float32", retriever32_s))]
     return {"model": str(model_dir), "profile": asdict(cfg), "passages": len(texts), "chunks": num_chunks,
             "k": projector.builder.k, "rows": rows, "index_vs_encoder_rate": encoder_s / index_s,
-            "index_vs_encoder_and_retriever_rate": (encoder_s + retriever_s) / index_s}
+            "index_vs_encoder_and_retriever_rate": (encoder_s + retriever_s) / index_s,
+            "retriever_dtype": str(retriever.model.dtype).removeprefix("torch."),
+            "retriever_cosine_to_float32": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -120,7 +135,9 @@ def markdown(result: dict, command: str) -> str:
                          [(r["arm"], f"{r['seconds']:.2f}", f"{r['passages_per_s']:.1f}", f"{r['chunks_per_s']:.0f}")
                           for r in result["rows"]])
     lines += ["", f"index_vs_encoder_rate: {result['index_vs_encoder_rate']:.2f} (against the encoder + projector "
-              f"and the retriever together: {result['index_vs_encoder_and_retriever_rate']:.2f})"]
+              f"and the retriever together: {result['index_vs_encoder_and_retriever_rate']:.2f})",
+              f"retriever in {result['retriever_dtype']}: its passage embeddings' cosine to float32's, min "
+              f"{result['retriever_cosine_to_float32']['min']:.4f}, mean {result['retriever_cosine_to_float32']['mean']:.4f}"]
     return "\n".join(lines) + "\n"
 
 

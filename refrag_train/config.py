@@ -164,17 +164,25 @@ class CPTConfig:
 
 @dataclass
 class PolicyRLConfig:
+    """Stage 3: GRPO on the expansion policy alone; the reward is the continuation's
+    log-likelihood with the picked chunks expanded."""
+
     lr: float = 1e-4
     steps: int = 100
     batch_size: int = 4
+    """Contexts per step."""
     group_size: int = 8
     """G: action sequences sampled per input."""
     clip_eps: float = 0.2
+    """PPO's clip on the probability ratio."""
     ppo_epochs: int = 2
+    """PPO steps on each group of samples."""
     expand_fraction: float = 0.1
+    """p: the share of a context's chunks the policy keeps as raw tokens."""
     context_chunks: int = 16
+    """Chunks per context, of ``run.default_chunk_size`` tokens (the k it serves)."""
     continuation_tokens: int = 64
-    """The policy picks among chunks of ``run.default_chunk_size`` tokens (the k it serves)."""
+    """Tokens the reward scores after the context."""
 
 
 @dataclass

@@ -74,29 +74,19 @@ class RefragChunkTextInputs(TensorSchema):
                               TensorShape("bn", "nc", "l", dynamic_dims={"nc", "l"})]
 
 
-class RefragChunkEncoderInputs(TensorSchema):
-    """Client-sent encoder vectors. Dimensions:
+class RefragChunkEmbedsInputs(TensorSchema):
+    """Client-sent vectors: the encoder's (``encoder_embeds``, projected here) or the
+    decoder's inputs as they are (``projected_embeds``). Dimensions:
     - bn: items in the call
     - nc: chunks of an item (varies by item)
-    - he: the encoder's hidden size
+    - h: the encoder's hidden size, or the decoder's for projected vectors
     """
 
-    type: Literal["encoder_embeds"] = "encoder_embeds"
-    data: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "he", dynamic_dims={"nc"})]
+    type: Literal["encoder_embeds", "projected_embeds"]
+    data: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "h", dynamic_dims={"nc"})]
 
 
-class RefragChunkProjectedInputs(TensorSchema):
-    """Client-sent projected vectors, the decoder's inputs as they are. Dimensions:
-    - bn: items in the call
-    - nc: chunks of an item (varies by item)
-    - hs: the decoder's hidden size
-    """
-
-    type: Literal["projected_embeds"] = "projected_embeds"
-    data: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", "hs", dynamic_dims={"nc"})]
-
-
-RefragChunkInputs: TypeAlias = RefragChunkTextInputs | RefragChunkEncoderInputs | RefragChunkProjectedInputs
+RefragChunkInputs: TypeAlias = RefragChunkTextInputs | RefragChunkEmbedsInputs
 
 
 class CompressedChunkItems(ProcessorBatchItems[CompressedChunks]):
@@ -293,15 +283,15 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         return ChunkEmbedder(self.chunk_encoder, self.projector, None, self.refrag_config.encoder_max_tokens)
 
     def _parse_and_validate_chunk_input(self, **kwargs: object) -> RefragChunkInputs | None:
-        """The call's items as one of the three schemas (one kind per call), shapes checked."""
+        """The call's items as text or vectors (one kind per call), shapes checked."""
         if TEXT_KEYS[0] in kwargs:
             return RefragChunkTextInputs(input_ids=kwargs[TEXT_KEYS[0]], attention_mask=kwargs[TEXT_KEYS[1]])
         if ENCODER_KEY in kwargs:
-            return RefragChunkEncoderInputs(data=kwargs[ENCODER_KEY],
-                                            resolve_bindings={"he": self.refrag_config.encoder_hidden_size})
+            return RefragChunkEmbedsInputs(type="encoder_embeds", data=kwargs[ENCODER_KEY],
+                                           resolve_bindings={"h": self.refrag_config.encoder_hidden_size})
         if PROJECTED_KEY in kwargs:
-            return RefragChunkProjectedInputs(data=kwargs[PROJECTED_KEY],
-                                              resolve_bindings={"hs": self.config.hidden_size})
+            return RefragChunkEmbedsInputs(type="projected_embeds", data=kwargs[PROJECTED_KEY],
+                                           resolve_bindings={"h": self.config.hidden_size})
         return None
 
     def _process_chunk_input(self, chunk_input: RefragChunkInputs) -> list[torch.Tensor]:

@@ -11,13 +11,14 @@ prompt string as
         vectors of all its n chunks: compressed chunks go to the engine as those
         vectors (the policy path, which has already encoded every chunk)</passage>
 
-:meth:`RefragPromptBuilder.render` cuts each text passage into chunks of k
+:meth:`RefragPromptBuilder.render_segments` cuts each text passage into chunks of k
 *decoder* tokens; compressed runs become ``refrag_chunk`` items (one placeholder
 token in the prompt per item, one decoder position per chunk after processing),
-expanded chunks stay as their own tokens.  The offline API
-(:meth:`RefragPromptBuilder.build`) and the OpenAI server's renderer both call
-``render``, so they produce the same tokens for the same request; ``build`` hands it
-its passages already parsed (``slots``), so vectors never round-trip through text.
+expanded chunks stay as their own tokens.  The OpenAI server's renderer
+(:meth:`RefragPromptBuilder.render`) parses the markup into text and passages; the
+offline API (:meth:`RefragPromptBuilder.build`) hands over its passages as they are,
+so nothing it produced is parsed again and vectors never round-trip through text.
+Both end in ``render_segments``, so they give the same tokens for the same request.
 
 Escaping.  In a prompt that holds passage markup, ``&lt;``, ``&gt;`` and ``&amp;``
 stand for ``<``, ``>`` and ``&``, inside passage bodies and outside them.  A text
@@ -256,11 +257,8 @@ class RefragPromptBuilder:
                                  f"{len(chunks)} chunks of k={self.k} tokens")
         return chunk_pieces(self.tokenizer, chunks, passage.expand, max_items, embeds)
 
-    def _parse_passage_markup(self, attrs: str, body: str, index: int, allow_embeds: bool = True,
-                              slots: Sequence[Passage] | None = None) -> Passage:
+    def _parse_passage_markup(self, attrs: str, body: str, index: int, allow_embeds: bool = True) -> Passage:
         fields = dict(_ATTR_RE.findall(attrs))
-        if slots is not None and set(fields) == {"slot"} and not body:
-            return slots[int(fields["slot"])]
         unknown = set(fields) - _PASSAGE_FIELDS
         if unknown:
             raise ValueError(
@@ -330,29 +328,39 @@ class RefragPromptBuilder:
                 f"at k={self.k}, more than the maximum context length of {max_positions:,}"
             )
 
-    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True,
-               slots: Sequence[Passage] | None = None) -> Prompt:
-        """Marked text -> vLLM prompt dict (token ids + compressed chunk items).
+    def render(self, text: str, *, add_special_tokens: bool = False, allow_embeds: bool = True) -> Prompt:
+        """Marked text (what a client sends) -> vLLM prompt dict (token ids + compressed chunk items).
 
         With ``allow_embeds=False`` a passage of precomputed vectors is refused
-        (``ValueError``) before its vectors are decoded.  ``slots`` are :meth:`build`'s
-        passages, already parsed, each named in ``text`` by an empty
-        ``<passage slot="i"></passage>``: vectors reach the items without a round trip
-        through base64 text.  The server renders without slots, so a client's ``slot``
-        is an unknown field.
+        (``ValueError``) before its vectors are decoded.
         """
-        pieces: list[int | CompressedChunks] = []
+        segments: list[str | Passage] = []
         pos = 0
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
             before = text[pos : m.start()]
             self._check_plain_text(before)
-            pieces += self._encode(unescape_text(before), add_special_tokens and pos == 0)
-            parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds, slots)
-            pieces += self._passage_pieces(parsed, index)
+            segments += [unescape_text(before), self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)]
             pos = m.end()
         tail = text[pos:]
         self._check_plain_text(tail)
-        pieces += self._encode(unescape_text(tail) if pos else tail, add_special_tokens and pos == 0)
+        segments.append(unescape_text(tail) if pos else tail)
+        return self.render_segments(segments, add_special_tokens=add_special_tokens)
+
+    def render_segments(self, segments: Sequence[str | Passage], *, add_special_tokens: bool = False) -> Prompt:
+        """Plain text and parsed passages, in order -> vLLM prompt dict.  The one place a
+        prompt becomes tokens and items: :meth:`render` gets here by parsing markup,
+        :meth:`build` directly.  Special tokens go before the first text segment only."""
+        pieces: list[int | CompressedChunks] = []
+        index = 0
+        for n, segment in enumerate(segments):
+            if isinstance(segment, Passage):
+                pieces += self._passage_pieces(segment, index)
+                index += 1
+            else:
+                if self.cfg.placeholder_token in segment:
+                    raise ValueError(f"the prompt contains the placeholder token {self.cfg.placeholder_token!r} "
+                                     "outside a passage")
+                pieces += self._encode(segment, add_special_tokens and n == 0)
         return pieces_to_prompt(pieces, self.placeholder_id)
 
     @staticmethod
@@ -413,23 +421,29 @@ class RefragPromptBuilder:
                 Passage(text=p, expand=tuple(e)) if isinstance(p, str) else p
                 for p, e in zip(passages, expand)
             ]
-        # The user turn is the client's (format_user_message), with each passage named by a
-        # slot: render() takes the parsed passages as they are.
+        # The user turn is the client's (format_user_message) with each passage's markup
+        # replaced by the placeholder token; the templated text is cut there and the
+        # parsed passages go in as they are, so nothing is re-parsed.
         slots = [self.as_passage(p) for p in passages]
-        content = question
-        if slots:
-            content = rag_user_message([f'<passage slot="{i}"></passage>' for i in range(len(slots))],
-                                       escape_text(question))
-        if system and passages:
-            system = escape_text(system)
+        marker = self.cfg.placeholder_token
+        for name, text in (("question", question), ("system prompt", system or "")):
+            if marker in text:
+                raise ValueError(f"the {name} contains the placeholder token {marker!r}")
+        content = rag_user_message([marker] * len(slots), question) if slots else question
         if use_chat_template and getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": content}
             ]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.render(text, add_special_tokens=False, slots=slots or None)
-        text = f"{system}\n\n{content}" if system else content
-        return self.render(text, add_special_tokens=True, slots=slots or None)
+            add_special_tokens = False
+        else:
+            text = f"{system}\n\n{content}" if system else content
+            add_special_tokens = True
+        texts = text.split(marker)
+        segments: list[str | Passage] = [texts[0]]
+        for slot, after in zip(slots, texts[1:], strict=True):
+            segments += [slot, after]
+        return self.render_segments(segments, add_special_tokens=add_special_tokens)
 
     def policy_passages(self, passages: Sequence[str | Passage | CompressedChunks],
                         fraction: float) -> list[Passage | CompressedChunks]:

@@ -89,9 +89,9 @@ def test_text_passage_with_its_encoder_vectors(builder):
 
 
 def test_build_equals_the_markup_a_client_sends(builder):
-    """``build`` hands ``render`` its passages parsed (slots); the result is exactly what
-    the same request gives as marked text, as a client sends it (vectors through base64).
-    A client cannot name a slot."""
+    """``build`` hands its passages over as they are (no markup); the result is exactly
+    what the same request gives as marked text, as a client sends it (vectors through
+    base64).  Markup in the question is plain text; the placeholder token is refused."""
     from refrag_vllm.prompt import Passage
 
     chunks = builder.chunk_passage(PASSAGES[1])
@@ -108,8 +108,8 @@ def test_build_equals_the_markup_a_client_sends(builder):
     a, b = built["multi_modal_data"]["refrag_chunk"], sent["multi_modal_data"]["refrag_chunk"]
     assert [(i.kind, i.texts) for i in a] == [(i.kind, i.texts) for i in b]
     assert [i.content_hash() for i in a] == [i.content_hash() for i in b]
-    with pytest.raises(ValueError, match="unknown field"):
-        builder.render('<passage slot="0"></passage>')
+    with pytest.raises(ValueError, match="placeholder"):
+        builder.build(QUESTION + builder.cfg.placeholder_token, passages)
     with pytest.raises(ValueError, match="width"):
         builder.build(QUESTION, [CompressedChunks.from_projected_embeds(torch.zeros(2, 7))])
 

@@ -64,7 +64,8 @@ def test_appending_gives_the_same_index_as_one_build(corpus, index, tiny_ckpt, t
     assert len(build_index(first, out, tiny_ckpt, batch_size=32, progress=False)) == 50
     again = build_index(corpus, out, tiny_ckpt, batch_size=32, progress=False)  # adds the other 70
     assert [r["id"] for r in again.records] == [r["id"] for r in index.records]
-    np.testing.assert_allclose(again.vectors(), index.vectors(), atol=1e-5)
+    # The retriever runs in bfloat16: a passage padded to another batch's width rounds differently.
+    np.testing.assert_allclose(again.vectors(), index.vectors(), atol=2e-3)
     for row in (3, 60, 119):
         torch.testing.assert_close(again.chunk_embeds(row), index.chunk_embeds(row), atol=1e-5, rtol=1e-5)
     assert len(build_index(corpus, out, tiny_ckpt, progress=False)) == len(index)  # nothing new: no-op
@@ -166,8 +167,10 @@ def test_index_rate_benchmark_builds_the_index_it_times(tiny_ckpt, tmp_path):
     main(["--quick", "--model", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--summary", str(summary)])
     result = json.loads((tmp_path / "out" / "index_rate.json").read_text())
     assert result["passages"] == 24 and result["chunks"] >= 24 * 64 // 16
-    assert [r["arm"] for r in result["rows"]] == ["index", "encoder + projector", "retriever"]
+    assert [r["arm"] for r in result["rows"]] == ["index", "encoder + projector", "retriever",
+                                                   "retriever, float32"]
     assert all(r["seconds"] > 0 and r["chunks_per_s"] > 0 for r in result["rows"])
+    assert result["retriever_dtype"] == "bfloat16" and result["retriever_cosine_to_float32"]["min"] > 0.99
     assert json.loads(summary.read_text())["summary"] == {
         "kv_bytes_per_chunk": 1, "index_vs_encoder_rate": result["index_vs_encoder_rate"]}
     assert "index_vs_encoder_rate" in (tmp_path / "out" / "index_rate.md").read_text()
