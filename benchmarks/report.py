@@ -98,6 +98,19 @@ def memory_lines(eng: dict) -> list[str]:
             "the fp32 reference model that fills the REFRAG cache and the policy."]
 
 
+def encoder_alone_lines(res: dict) -> list[str]:
+    """The text path's extra TTFT over cached vectors, against the encoder + projector alone."""
+    alone = res.get("encoder_alone")
+    rate = res.get("summary", {}).get("encoder_engine_vs_standalone_rate")
+    if not alone or rate is None:
+        return []
+    s = alone["seconds"]["median"]
+    return ["", f"Encoder + projector alone (this process, after the engine; {alone['torch_threads']} threads) on "
+            f"{alone['chunks']} chunks of k={alone['k']}, a {alone['context_tokens']}-token context: {s:.3f} s. "
+            f"The engine's text path pays {s / rate:.3f} s over cached vectors at that length: "
+            f"`encoder_engine_vs_standalone_rate` {rate:.2f}."]
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     cfg = res["config"]
@@ -122,7 +135,7 @@ def markdown(res: dict) -> str:
         "## Offline engine (`vllm.LLM`), batch 1, cold", "", *offline_table(res), "",
         "KV MiB: (prompt positions + output tokens) × bytes of K and V per position; blocks: the same / block size. "
         "TTFT: wall time of `generate` minus the engine's decode time; TPOT: the engine's first-to-last-token time / (tokens - 1).",
-        *memory_lines(eng),
+        *memory_lines(eng), *encoder_alone_lines(res),
         "", "## Throughput, concurrent requests", "", *throughput_table(res), "",
     ]
     if res.get("transformers"):

@@ -8,6 +8,9 @@ measured side by side in one run, or a byte count:
 * ``k16_cached_vs_ceiling_N``, ``k16_text_cold_vs_ceiling_N``: the ceiling's TTFT over
   REFRAG k=16's, with cached projected vectors and with chunk text (the encoder in the
   engine, every chunk new), at N context tokens, the longest length measured;
+* ``encoder_engine_vs_standalone_rate``: the text path's extra TTFT over cached vectors at
+  that length, against the checkpoint's encoder + projector alone on as many chunks (how close
+  the engine runs its encoder to the encoder's standalone rate);
 * ``warm_text_cached_vs_vector_ttft_p50``: on the warm benchmark, the TTFT p50 of text
   passages with the engine's chunk-vector cache over that of client-sent vectors (at the
   lowest concurrency level, ``warm_concurrency``);
@@ -38,6 +41,9 @@ def cold_summary(results: dict) -> dict:
     if "ceiling" in ttft:
         summary[f"k{SUMMARY_K}_cached_vs_ceiling_{n}"] = ttft["ceiling"] / ttft[REFRAG_CACHED]
         summary[f"k{SUMMARY_K}_text_cold_vs_ceiling_{n}"] = ttft["ceiling"] / ttft[REFRAG]
+    alone = results.get("encoder_alone")
+    if alone and alone["context_tokens"] == n and REFRAG in ttft and REFRAG_CACHED in ttft:
+        summary["encoder_engine_vs_standalone_rate"] = alone["seconds"]["median"] / (ttft[REFRAG] - ttft[REFRAG_CACHED])
     return summary
 
 

@@ -14,7 +14,9 @@ caching off, fresh passages for every request, so every prefill is cold):
 * **plain transformers** prefill of the same decoder at the vanilla lengths (the
   engine is not a strawman);
 * the **OpenAI-compatible server** (``vllm serve``) seen from a streaming client,
-  and, for vanilla, ``vllm bench serve`` on the same prompts as a cross-check.
+  and, for vanilla, ``vllm bench serve`` on the same prompts as a cross-check;
+* the checkpoint's **encoder + projector alone**, after the engine, on as many chunks as
+  the longest vanilla length holds (``encoder_engine_vs_standalone_rate``).
 
 Writes ``results.json``, ``results.md`` and PNG plots to ``--out``.
 """
@@ -300,6 +302,34 @@ def measure_batch1(engine: OfflineEngine, factory, cfg: BenchConfig, lengths: li
     return rows
 
 
+def measure_encoder_alone(model: str, factory, cfg: BenchConfig, n: int, k: int, log) -> dict:
+    """The checkpoint's encoder + projector alone (the index's :class:`CacheProjector`, in the
+    checkpoint's dtype, in this process after the engine has shut down) on the chunks of
+    ``repeats`` fresh contexts of ``n`` tokens, cut at ``k`` as the text path cuts them: the
+    standalone rate the engine's text path is held against (``encoder_engine_vs_standalone_rate``)."""
+    import torch
+
+    from refrag_vllm.retrieval.index import CacheProjector
+
+    projector = CacheProjector(model)
+    if projector.builder.k != k:
+        raise ValueError(f"the checkpoint's k is {projector.builder.k}, not {k}")
+    seconds, chunks = [], 0
+    with torch.no_grad():
+        projector.chunk_embedder.embed([c for p in factory.source.passages(n)[:4] for c in projector.chunk_texts(p)])
+        for _ in range(cfg.repeats):
+            texts = [c for p in factory.source.passages(n) for c in projector.chunk_texts(p)]
+            start = time.perf_counter()
+            projector.chunk_embedder.embed(texts)
+            seconds.append(time.perf_counter() - start)
+            chunks = len(texts)
+    row = {"context_tokens": n, "k": k, "chunks": chunks, "seconds": _median_spread(seconds),
+           "torch_threads": torch.get_num_threads(),
+           "encoder": {key: projector.builder.cfg.encoder.get(key) for key in ("model_type", "num_hidden_layers")}}
+    log(f"encoder + projector alone, k={k} s={n}: {row['seconds']['median']:.3f}s for {chunks} chunks")
+    return row
+
+
 def measure_throughput(engine: OfflineEngine, factory, cfg: BenchConfig, log) -> list[dict]:
     """Output tokens/s with ``throughput_requests`` requests submitted at once."""
     out = []
@@ -442,14 +472,28 @@ def machine() -> dict:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, BenchConfig]:
-    return parse_profile(profile_parser(__doc__, "folder for results.json / results.md / plots",
-                                        "tiny sweep for CI: checks the harness, not timings", BenchConfig),
-                         argv, PROFILES)
+    parser = profile_parser(__doc__, "folder for results.json / results.md / plots",
+                            "tiny sweep for CI: checks the harness, not timings", BenchConfig)
+    parser.add_argument("--summary", default=None,
+                        help="also merge this run's encoder keys into that results.json's summary: "
+                             "encoder_engine_vs_standalone_rate, and the cold text path's share of the ceiling "
+                             "named after the checkpoint's encoder (another checkpoint's sweep keeps its own)")
+    return parse_profile(parser, argv, PROFILES)
+
+
+def encoder_summary(results: dict, summary: dict) -> dict:
+    """The keys ``--summary`` merges: the engine-vs-standalone rate, and the text path's share of
+    the ceiling as ``k16_text_cold_vs_ceiling_N_<model_type>_<layers>_layers``."""
+    encoder = results["encoder_alone"]["encoder"]
+    label = f"{encoder['model_type']}_{encoder['num_hidden_layers']}_layers"
+    keys = {key: value for key, value in summary.items() if key == "encoder_engine_vs_standalone_rate"}
+    keys |= {f"{key}_{label}": value for key, value in summary.items() if "_text_cold_vs_ceiling_" in key}
+    return keys
 
 
 def main(argv=None) -> dict:
     from .report import write_report
-    from .summary import cold_summary, read_summary
+    from .summary import SUMMARY_K, cold_summary, merge_summary, read_summary
     from .workload import RequestFactory
 
     args, cfg = parse_args(argv)
@@ -467,6 +511,8 @@ def main(argv=None) -> dict:
                "config": dataclasses.asdict(cfg), "machine": machine(), "model": str(args.model),
                "longest_vanilla_context": longest}
     results["offline"] = run_offline(args.model, factory, cfg, lengths, beyond, log)
+    if SUMMARY_K in cfg.ks:
+        results["encoder_alone"] = measure_encoder_alone(args.model, factory, cfg, max(lengths), SUMMARY_K, log)
     if cfg.hf_baseline:
         results["transformers"] = run_hf_baseline(args.model, factory, cfg, lengths, log)
     if cfg.server:
@@ -476,6 +522,8 @@ def main(argv=None) -> dict:
     results["summary"] = {**read_summary(out / "results.json"), **cold_summary(results)}  # keeps a warm run's keys
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
+    if args.summary:
+        merge_summary(args.summary, encoder_summary(results, results["summary"]))
     log(f"done in {results['wall_s']:.0f}s: {out / 'results.md'}")
     return results
 

@@ -83,3 +83,12 @@ def test_summary_holds_the_headline_ratios(quick_results):
     assert s["k16_cached_vs_ceiling_512"] == pytest.approx(ceiling / rows[("refrag-cached", 16, 512)])
     assert s["k16_text_cold_vs_ceiling_512"] == pytest.approx(ceiling / rows[("refrag", 16, 512)])
     assert s["kv_bytes_per_chunk"] == res["offline"]["engine"]["kv_bytes_per_position"] * 16
+    alone = res["encoder_alone"]
+    assert alone["context_tokens"] == 512 and alone["chunks"] >= 512 // 16 and alone["seconds"]["median"] > 0
+    assert s["encoder_engine_vs_standalone_rate"] == pytest.approx(
+        alone["seconds"]["median"] / (rows[("refrag", 16, 512)] - rows[("refrag-cached", 16, 512)]))
+    from benchmarks.ttft import encoder_summary  # what --summary merges into another run's results.json
+
+    label = f"{alone['encoder']['model_type']}_{alone['encoder']['num_hidden_layers']}_layers"
+    assert encoder_summary(res, s) == {"encoder_engine_vs_standalone_rate": s["encoder_engine_vs_standalone_rate"],
+                                       f"k16_text_cold_vs_ceiling_512_{label}": s["k16_text_cold_vs_ceiling_512"]}
