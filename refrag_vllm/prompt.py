@@ -339,7 +339,8 @@ class RefragPromptBuilder:
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
             before = text[pos : m.start()]
             self._check_plain_text(before)
-            segments += [unescape_text(before), self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)]
+            parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)
+            segments += [unescape_text(before), parsed]
             pos = m.end()
         tail = text[pos:]
         self._check_plain_text(tail)
