@@ -130,6 +130,7 @@ def test_long_passage_split_into_bounded_items(builder):
     (f'<passage format="projected" encoder="{encode_embeds(torch.zeros(1, 32))}">x</passage>', "text passages only"),
     ("<passage>unterminated", "malformed"),
     ("hello <|refrag_chunk|>", "placeholder"),
+    ("<passage>short text</passage> &lt;|refrag_chunk|&gt;", "placeholder"),
 ])
 def test_render_rejects_bad_markup(builder, text, message):
     with pytest.raises(ValueError, match=message):
