@@ -214,12 +214,10 @@ class RefragPromptBuilder:
         """``expand`` for :meth:`build` that keeps every chunk of every passage raw (vanilla RAG)."""
         return [list(range(len(self.chunk_passage(p)))) for p in passages]
 
-    def _check_plain_text(self, text: str) -> None:
-        if self.cfg.placeholder_token in text:
-            raise ValueError(
-                f"the prompt contains the placeholder token {self.cfg.placeholder_token!r} "
-                "without chunk data; send passages as <passage>...</passage> instead"
-            )
+    @staticmethod
+    def _check_no_stray_markup(text: str) -> None:
+        """Client text between passages holds no passage markup (the placeholder token is
+        checked once, after unescaping, in :meth:`render_segments`)."""
         if "<passage" in text or "</passage>" in text:
             raise ValueError(
                 "malformed <passage> markup: expected <passage [format=\"text|encoder|projected\"] "
@@ -338,12 +336,12 @@ class RefragPromptBuilder:
         pos = 0
         for index, m in enumerate(_PASSAGE_RE.finditer(text)):
             before = text[pos : m.start()]
-            self._check_plain_text(before)
+            self._check_no_stray_markup(before)
             parsed = self._parse_passage_markup(m.group("attrs"), m.group("body"), index, allow_embeds)
             segments += [unescape_text(before), parsed]
             pos = m.end()
         tail = text[pos:]
-        self._check_plain_text(tail)
+        self._check_no_stray_markup(tail)
         segments.append(unescape_text(tail) if pos else tail)
         return self.render_segments(segments, add_special_tokens=add_special_tokens)
 
@@ -359,8 +357,10 @@ class RefragPromptBuilder:
                 index += 1
             else:
                 if self.cfg.placeholder_token in segment:
-                    raise ValueError(f"the prompt contains the placeholder token {self.cfg.placeholder_token!r} "
-                                     "outside a passage")
+                    raise ValueError(
+                        f"the prompt contains the placeholder token {self.cfg.placeholder_token!r} "
+                        "without chunk data; send passages as <passage>...</passage> instead"
+                    )
                 pieces += self._encode(segment, add_special_tokens and n == 0)
         return pieces_to_prompt(pieces, self.placeholder_id)
 

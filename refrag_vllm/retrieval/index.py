@@ -131,8 +131,8 @@ class Retriever:
     """sentence-transformers passage/query embeddings, unit norm (inner product = cosine).
 
     ``dtype`` defaults to bfloat16, as the chunk encoder runs: on this project's CPU (AVX-512
-    BF16) it embeds passages 1.9x faster than float32, each embedding at cosine >= 0.998 to
-    float32's (benchmarks/README.md, "Index build").  Passages and queries use the same dtype.
+    BF16) it embeds passages 1.75x faster than float32, each embedding at cosine >= 0.998 to
+    float32's (``python -m benchmarks.index_rate``; benchmarks/README.md, "Index build").  Passages and queries use the same dtype.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16") -> None:
