@@ -13,7 +13,9 @@ measured side by side in one run, or a byte count:
   the engine runs its encoder to the encoder's standalone rate);
 * ``warm_text_cached_vs_vector_ttft_p50``: on the warm benchmark, the TTFT p50 of text
   passages with the engine's chunk-vector cache over that of client-sent vectors (at the
-  lowest concurrency level, ``warm_concurrency``);
+  lowest concurrency level, ``warm_concurrency``), the cache filled by the traffic itself;
+  ``warm_text_preloaded_vs_vector_ttft_p50`` the same with the cache preloaded from an index
+  of the passages (as the cached client's store is filled from one);
 * ``warm_text_vs_vanilla_prefix_ttft_p50``: vanilla with vLLM's prefix cache over REFRAG
   text passages with the chunk-vector cache;
 * ``index_vs_encoder_rate`` (``benchmarks.index_rate --summary FILE``): the index build's
@@ -28,6 +30,9 @@ import json
 from pathlib import Path
 
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
+
+PRELOADED = REFRAG + "-preloaded"
+"""``benchmarks.warm``'s chunk text with the engine's chunk-vector cache preloaded from an index."""
 
 SUMMARY_K = 16
 
@@ -55,6 +60,8 @@ def warm_summary(results: dict) -> dict:
     summary = {"warm_concurrency": next(iter(first.values()))["concurrency"]}
     if REFRAG in p50 and REFRAG_CACHED in p50:
         summary["warm_text_cached_vs_vector_ttft_p50"] = p50[REFRAG] / p50[REFRAG_CACHED]
+    if PRELOADED in p50 and REFRAG_CACHED in p50:
+        summary["warm_text_preloaded_vs_vector_ttft_p50"] = p50[PRELOADED] / p50[REFRAG_CACHED]
     if REFRAG in p50 and VANILLA in p50:
         summary["warm_text_vs_vanilla_prefix_ttft_p50"] = p50[VANILLA] / p50[REFRAG]
     sizes = results["passage_bytes"]

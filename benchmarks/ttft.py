@@ -316,9 +316,9 @@ def measure_encoder_alone(model: str, factory, cfg: BenchConfig, n: int, k: int,
         raise ValueError(f"the checkpoint's k is {projector.builder.k}, not {k}")
     seconds, chunks = [], 0
     with torch.no_grad():
-        projector.chunk_embedder.embed([c for p in factory.source.passages(n)[:4] for c in projector.chunk_texts(p)])
+        projector.chunk_embedder.embed([c for p in factory.source.passages(n)[:4] for c in projector.builder.chunk_texts(p)])
         for _ in range(cfg.repeats):
-            texts = [c for p in factory.source.passages(n) for c in projector.chunk_texts(p)]
+            texts = [c for p in factory.source.passages(n) for c in projector.builder.chunk_texts(p)]
             start = time.perf_counter()
             projector.chunk_embedder.embed(texts)
             seconds.append(time.perf_counter() - start)

@@ -13,6 +13,10 @@ vLLM's defaults otherwise: prefix caching on), one condition after another in th
 * ``vanilla``         passages as plain text; vLLM's prefix cache is its reuse;
 * ``refrag``          ``<passage>`` markup, what a stock client sends; the engine's
                       chunk-vector cache on (its default size);
+* ``refrag-preloaded``  the same text, the chunk-vector cache preloaded when the server starts
+                      (``REFRAG_CHUNK_CACHE_PRELOAD``) from an index of the pool built by
+                      ``refrag-vllm index``'s code, before the run and not timed, as the cached
+                      client's store is;
 * ``refrag-no-chunk-cache``  the same with ``REFRAG_CHUNK_CACHE_BYTES=0``;
 * ``refrag-cached``   the client sends projected vectors (``format="projected"``) from its
                       own REFRAG cache, filled before the run and not timed (the mode names
@@ -43,11 +47,11 @@ from refrag_vllm.markdown import table_lines
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
 
 from .options import parse_profile, profile_parser, run_log
-from .summary import merge_summary, warm_summary
+from .summary import PRELOADED, merge_summary, warm_summary
 
 NO_CHUNK_CACHE = REFRAG + "-no-chunk-cache"
 """Chunk text with the engine's chunk-vector cache turned off."""
-CONDITIONS = (VANILLA, REFRAG, NO_CHUNK_CACHE, REFRAG_CACHED)
+CONDITIONS = (VANILLA, REFRAG, PRELOADED, NO_CHUNK_CACHE, REFRAG_CACHED)
 QUESTIONS = (
     "Which function fits here, and what does it return?",
     "What arguments does it take?",
@@ -108,7 +112,7 @@ class Messages:
         from tqdm import tqdm
 
         from refrag_vllm.chunks import CompressedChunks
-        from refrag_vllm.prompt import RefragPromptBuilder, chunk_text
+        from refrag_vllm.prompt import RefragPromptBuilder
         from refrag_vllm.reference import RefragReferenceModel
 
         from .workload import PassageSource, plain_user_message
@@ -121,7 +125,7 @@ class Messages:
         self.vectors = []  # the client's store: one projected item per pool passage
         with torch.no_grad():
             for text in tqdm(self.pool, desc="client vector store", unit="passage"):
-                chunks = [chunk_text(self.builder.tokenizer, c) for c in self.builder.chunk_passage(text)]
+                chunks = self.builder.chunk_texts(text)
                 projected = reference.project_item(CompressedChunks.from_texts(chunks)).float()
                 self.vectors.append(CompressedChunks.from_projected_embeds(projected))
         del reference
@@ -182,11 +186,21 @@ def server_flags(cfg: WarmConfig) -> list[str]:
     return flags + (["--enforce-eager"] if cfg.enforce_eager else [])
 
 
+def pool_index(model_dir: str, messages: Messages, out: Path) -> Path:
+    """The pool's passages indexed for ``model_dir`` (``refrag-vllm index``'s build): what the
+    ``refrag-preloaded`` server loads into its chunk-vector cache."""
+    from refrag_vllm.retrieval.index import build_index
+
+    corpus = out / "pool.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in messages.pool))
+    return build_index(corpus, out / "pool-index", model_dir).path
+
+
 def run_condition(condition: str, model_dir: str, cfg: WarmConfig, messages: Messages, plan, out: Path,
-                  log) -> dict:
+                  log, index_dir: Path | None = None) -> dict:
     from openai import OpenAI
 
-    from refrag_vllm.chunk_cache import CACHE_BYTES_ENV, STATS_FILE_ENV
+    from refrag_vllm.chunk_cache import CACHE_BYTES_ENV, PRELOAD_ENV, STATS_FILE_ENV
 
     from .server import VllmServer
 
@@ -194,7 +208,8 @@ def run_condition(condition: str, model_dir: str, cfg: WarmConfig, messages: Mes
     stats_file.unlink(missing_ok=True)
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", STATS_FILE_ENV: str(stats_file),
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
-           CACHE_BYTES_ENV: "0" if condition == NO_CHUNK_CACHE else None}
+           CACHE_BYTES_ENV: "0" if condition == NO_CHUNK_CACHE else None,
+           PRELOAD_ENV: str(index_dir) if condition == PRELOADED else None}
     empty = {"hits": 0, "misses": 0, "entries": 0, "bytes": 0}
     read_stats = lambda: json.loads(stats_file.read_text()) if stats_file.exists() else dict(empty)
     with VllmServer(model_dir, server_flags(cfg), env=env, log_path=out / f"server_{condition}.log") as server:
@@ -314,8 +329,11 @@ def main(argv=None) -> dict:
     results = {"command": " ".join(["python -m benchmarks.warm"] + (argv if argv is not None else sys.argv[1:])),
                "config": dataclasses.asdict(cfg), "model": str(args.model), "distinct_passages": distinct,
                "conditions": {}}
-    for condition in [c for c in CONDITIONS if c in args.conditions.split(",")]:
-        results["conditions"][condition] = run_condition(condition, args.model, cfg, messages, plan, out, log)
+    conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]
+    index_dir = pool_index(args.model, messages, out) if PRELOADED in conditions else None
+    for condition in conditions:
+        results["conditions"][condition] = run_condition(condition, args.model, cfg, messages, plan, out, log,
+                                                         index_dir)
     cache = results["conditions"].get(REFRAG, {}).get("chunk_cache", {})
     results["passage_bytes"] = passage_bytes(args.model, cfg, messages, cache)
     results["wall_s"] = time.perf_counter() - started

@@ -160,11 +160,10 @@ class RequestFactory:
         import torch
 
         from refrag_vllm.chunks import CompressedChunks
-        from refrag_vllm.prompt import chunk_text
 
         b = self.builder(k)
         passages = self.source.passages(context_tokens)
-        texts = [[chunk_text(self.tokenizer, c) for c in b.chunk_passage(p)] for p in passages]
+        texts = [b.chunk_texts(p) for p in passages]
         with torch.no_grad():
             items = self._reference.project_items([CompressedChunks.from_texts(t) for t in texts])
         cached = [CompressedChunks.from_projected_embeds(x.float()) for x in items]

@@ -51,6 +51,9 @@ class RunConfig:
     bos_first: bool = True
     """Start every reconstruction, CPT and policy sample with the tokenizer's BOS, so the
     first chunk vector is not at position 0, the decoder's attention sink."""
+    question_first: bool = False
+    """The RAG user turn of SFT, evaluation and the exported checkpoint names the question
+    before the passages as well as after them (``RefragConfig.question_first``)."""
     standardize_projector_inputs: bool = False
     """The projector standardizes each encoder dimension (mean and std measured on training
     chunks when reconstruction starts); see ``ProjectorConfig.standardize_inputs``."""

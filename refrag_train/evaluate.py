@@ -16,7 +16,8 @@ puts its first input at the decoder's attention sink:
   window's raw tokens.
 
 An optional second table scores held-out RAG QA answers (the SFT format) with no
-passages, compressed passages and raw passages.  Scoring goes through the shared
+passages, compressed passages, raw passages and the control, another question's passages
+compressed; ``num_windows = 0`` leaves Table 1 out.  Scoring goes through the shared
 ``RefragReferenceModel.target_logprobs``, the function training uses.
 """
 
@@ -100,16 +101,44 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     return conds, num_expanded(L, p)
 
 
+QA_CONTROL = "Compressed, another question's passages (control)"
+
+
 def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: int):
+    """``{condition: [Sample per example]}``: no passages, compressed, raw, and (two examples
+    or more) the control: another question's passages compressed, the example half the list
+    away (the same pairing as :mod:`refrag_train.qa_generation`)."""
     from .samples import qa_sample
 
     conds: dict[str, list[Sample]] = {"No passages": [], "Compressed passages": [], "Raw passages": []}
-    for ex in examples:
+    n = len(examples)
+    if n >= 2:
+        conds[QA_CONTROL] = []
+    for i, ex in enumerate(examples):
         q, a, ps = ex["question"], ex["answer"], ex["passages"]
         conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
         conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
         conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=builder.every_chunk(ps)))
+        if n >= 2:
+            conds[QA_CONTROL].append(qa_sample(builder, q, examples[(i + n // 2) % n]["passages"], a, eos_id))
     return conds
+
+
+def qa_rows(per_example: dict[str, list[float]]) -> list[dict]:
+    """One row per QA condition: mean answer log-PPL, its share of the no-passages -> raw gap
+    and, paired over the same answers, its gain over no passages (mean, standard error)."""
+    from .qa_generation import paired_difference
+
+    none, raw = per_example["No passages"], per_example["Raw passages"]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    gap = mean(none) - mean(raw)
+    rows = []
+    for name, nll in per_example.items():
+        gain = paired_difference(none, nll)  # none - row: lower log-PPL is a gain
+        rows.append({"condition": name, "answer_log_ppl": mean(nll), "num_examples": len(nll),
+                     "gap_recovered": (mean(none) - mean(nll)) / gap if gap > 0 else None,
+                     "gain_over_none": gain["mean"], "gain_over_none_se": gain["se"], "per_example": nll})
+    return rows
 
 
 def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, out_dir: str | Path, *,
@@ -127,34 +156,35 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
     out.mkdir(parents=True, exist_ok=True)
     model = RefragReferenceModel.load(checkpoint, dtype=getattr(torch, cfg.dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    corpus = TokenCorpus.from_texts(heldout_texts, tokenizer, desc="tokenizing held-out")
-    windows = corpus.windows(cfg.context_tokens + cfg.continuation_tokens, cfg.num_windows, seed)
-    conds, picks = lm_conditions(model, tokenizer, windows, cfg, seed)
-    rows = []
-    for name, samples in conds.items():
-        nll = score_samples(model, samples, batch_size, name)
-        rows.append({"condition": name, "log_ppl": sum(nll) / len(nll),
-                     "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll})
-    by = {r["condition"]: r["log_ppl"] for r in rows}
-    gap = by["No context"] - by["Full context"]
-    for r in rows:
-        r["gap_recovered"] = (by["No context"] - r["log_ppl"]) / gap if gap > 0 else None
     result = {
         "checkpoint": str(checkpoint),
         "context_tokens": cfg.context_tokens,
         "continuation_tokens": cfg.continuation_tokens,
         "scored_tokens": cfg.continuation_tokens - 1,
-        "num_windows": len(windows),
+        "num_windows": 0,
         "num_heldout_docs": len(heldout_texts),
-        "expanded_chunks": picks,
-        "rows": rows,
+        "rows": [],
     }
+    if cfg.num_windows:  # 0: the QA table (and the probe) alone
+        corpus = TokenCorpus.from_texts(heldout_texts, tokenizer, desc="tokenizing held-out")
+        windows = corpus.windows(cfg.context_tokens + cfg.continuation_tokens, cfg.num_windows, seed)
+        conds, result["expanded_chunks"] = lm_conditions(model, tokenizer, windows, cfg, seed)
+        rows = result["rows"]
+        for name, samples in conds.items():
+            nll = score_samples(model, samples, batch_size, name)
+            rows.append({"condition": name, "log_ppl": sum(nll) / len(nll),
+                         "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll})
+        by = {r["condition"]: r["log_ppl"] for r in rows}
+        gap = by["No context"] - by["Full context"]
+        for r in rows:
+            r["gap_recovered"] = (by["No context"] - r["log_ppl"]) / gap if gap > 0 else None
+        result["num_windows"] = len(windows)
     if qa_examples:
         builder = RefragPromptBuilder(tokenizer, model.refrag_config, model.config.hidden_size)
         qa = qa_conditions(builder, qa_examples, end_of_turn_id(tokenizer))
-        result["qa"] = [{"condition": name, "answer_log_ppl": sum(v) / len(v),
-                         "positions": sum(map(_positions, samples)) / len(samples), "num_examples": len(v)}
-                        for name, samples in qa.items() for v in [score_samples(model, samples, batch_size, name)]]
+        result["qa"] = qa_rows({name: score_samples(model, samples, batch_size, name) for name, samples in qa.items()})
+        for row in result["qa"]:
+            row["positions"] = sum(map(_positions, qa[row["condition"]])) / len(qa[row["condition"]])
     if cfg.probe_windows:
         from .diagnose import content_probe
 
@@ -167,25 +197,34 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
 
 def markdown_table(result: dict) -> str:
     s, o = result["context_tokens"], result["continuation_tokens"]
-    lines = [
-        f"Log-perplexity of {result['scored_tokens']} continuation tokens after s={s} context tokens "
-        f"(o={o}), {result['num_windows']} windows from {result['num_heldout_docs']} held-out documents. "
-        "Lower is better; *gap recovered* = (no context - row) / (no context - full context).",
-        "",
-    ]
-    lines += table_lines(
-        ["Condition", "log-PPL", "decoder positions (context + o)", "gap recovered"],
-        [(r["condition"], f"{r['log_ppl']:.3f}", f"{r['positions']:.0f}",
-          "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%") for r in result["rows"]])
+    lines = []
+    if result["rows"]:
+        lines += [
+            f"Log-perplexity of {result['scored_tokens']} continuation tokens after s={s} context tokens "
+            f"(o={o}), {result['num_windows']} windows from {result['num_heldout_docs']} held-out documents. "
+            "Lower is better; *gap recovered* = (no context - row) / (no context - full context).",
+            "",
+        ]
+        lines += table_lines(
+            ["Condition", "log-PPL", "decoder positions (context + o)", "gap recovered"],
+            [(r["condition"], f"{r['log_ppl']:.3f}", f"{r['positions']:.0f}",
+              "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%") for r in result["rows"]])
+        lines.append("")
     if result.get("qa"):
-        lines += ["", "Held-out RAG QA (SFT format): log-perplexity of the answer.", ""]
-        lines += table_lines(["Passages", "answer log-PPL", "decoder positions", "examples"],
-                             [(r["condition"], f"{r['answer_log_ppl']:.3f}", f"{r['positions']:.0f}",
-                               r["num_examples"]) for r in result["qa"]])
+        lines += ["Held-out RAG QA (SFT format): log-perplexity of the answer; *recovered* = (no passages - row) / "
+                  "(no passages - raw passages); *gain* = no passages - row, paired over the same answers "
+                  "(± its standard error).", ""]
+        lines += table_lines(
+            ["Passages", "answer log-PPL", "recovered", "gain over no passages (nats)", "decoder positions", "examples"],
+            [(r["condition"], f"{r['answer_log_ppl']:.3f}",
+              "" if r.get("gap_recovered") is None else f"{100 * r['gap_recovered']:.0f}%",
+              f"{r['gain_over_none']:+.3f} ± {r['gain_over_none_se']:.3f}" if "gain_over_none" in r else "",
+              f"{r['positions']:.0f}", r["num_examples"]) for r in result["qa"]])
+        lines.append("")
     if result.get("probe"):
         from .diagnose import probe_markdown
 
-        lines += ["", "Content probe (`refrag_train.diagnose`): reconstruction log-PPL of held-out n x k tokens "
+        lines += ["Content probe (`refrag_train.diagnose`): reconstruction log-PPL of held-out n x k tokens "
                       "from the window's own chunk vectors, another window's, one mean vector, and none.", "",
                   probe_markdown(result["probe"]).rstrip("\n")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from refrag_vllm.checkpoint import assemble_model
+from refrag_vllm.checkpoint import assemble_model, set_refrag_config
 from refrag_vllm.config import PolicyConfig
 from refrag_vllm.delta import ADAPTER_WEIGHTS, HEADS, apply_delta, save_delta
 from refrag_vllm.embedder import strip_prefix
@@ -44,18 +44,21 @@ def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
     dtype = getattr(torch, cfg.run.dtype)
     if base_checkpoint:
         model = RefragReferenceModel.load(base_checkpoint, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(str(base_checkpoint))
-    from refrag_vllm.default_models import load_decoder, load_encoder
+        tokenizer = AutoTokenizer.from_pretrained(str(base_checkpoint))
+    else:
+        from refrag_vllm.default_models import load_decoder, load_encoder
 
-    decoder, dec_tok = load_decoder(cfg.run.decoder or None, dtype)
-    encoder, enc_tok = load_encoder(cfg.run.encoder or None, decoder, dec_tok)
-    model = assemble_model(
-        decoder, dec_tok, encoder, enc_tok, chunk_size=cfg.run.default_chunk_size,
-        encoder_max_tokens=cfg.run.encoder_max_tokens, dtype=dtype, seed=cfg.run.seed,
-        standardize_projector_inputs=cfg.run.standardize_projector_inputs,
-        projector_output_norm=cfg.run.projector_output_norm or None,
-    )
-    return model, dec_tok
+        decoder, tokenizer = load_decoder(cfg.run.decoder or None, dtype)
+        encoder, enc_tok = load_encoder(cfg.run.encoder or None, decoder, tokenizer)
+        model = assemble_model(
+            decoder, tokenizer, encoder, enc_tok, chunk_size=cfg.run.default_chunk_size,
+            encoder_max_tokens=cfg.run.encoder_max_tokens, dtype=dtype, seed=cfg.run.seed,
+            standardize_projector_inputs=cfg.run.standardize_projector_inputs,
+            projector_output_norm=cfg.run.projector_output_norm or None,
+        )
+    # the RAG layout SFT trains on is the one the exported checkpoint builds prompts with
+    set_refrag_config(model, dataclasses.replace(model.refrag_config, question_first=cfg.run.question_first))
+    return model, tokenizer
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
@@ -152,6 +155,7 @@ class TrainingModel:
             "chunk_sizes_trained": self.cfg.run.chunk_sizes,
             "encoder": self.cfg.run.encoder or None,
             "projector": dataclasses.asdict(self.refrag.refrag_config.projector),
+            "question_first": self.cfg.run.question_first,
             **(meta or {}),
         }
         return save_delta(out_dir, adapter_config=self.lora_config, dtype=torch.float32,

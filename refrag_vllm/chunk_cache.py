@@ -14,6 +14,11 @@ as long as its byte budget allows, whatever item, request or position they arriv
   and the GPU's memory stays vLLM's).
 * **Bound**: least-recently-used eviction past ``REFRAG_CHUNK_CACHE_BYTES`` (default
   :data:`DEFAULT_CACHE_BYTES`; ``0`` turns the cache off).
+* **Preload**: ``REFRAG_CHUNK_CACHE_PRELOAD=DIR[,DIR...]`` fills the cache when the engine
+  starts from the REFRAG cache of passage indexes (``refrag-vllm index``) built for this
+  checkpoint (checked; another checkpoint's index is refused), so that stock clients sending
+  an indexed passage as text get the vectors a cached client would send, on first sight.
+  The keys are computed here from the index's passage text, as for any request.
 * **Visibility**: :meth:`ChunkVectorCache.stats`, a log line every :data:`LOG_EVERY_S` seconds while it is used,
   and with ``REFRAG_CHUNK_CACHE_STATS=FILE`` the stats as JSON in FILE after every lookup
   (what ``benchmarks/warm.py`` reads from a server).
@@ -40,6 +45,7 @@ logger = init_logger(__name__)
 
 CACHE_BYTES_ENV = "REFRAG_CHUNK_CACHE_BYTES"
 STATS_FILE_ENV = "REFRAG_CHUNK_CACHE_STATS"
+PRELOAD_ENV = "REFRAG_CHUNK_CACHE_PRELOAD"
 DEFAULT_CACHE_BYTES = 256 << 20
 """256 MiB: about 230,000 chunk vectors of the default model in bf16 (3.7M context
 tokens at k=16)."""
@@ -186,3 +192,40 @@ def cached_projection(cache: ChunkVectorCache, input_ids: torch.Tensor, attentio
     if hit_rows:
         out[hit_rows] = torch.stack([found[row] for row in hit_rows]).to(computed.device, computed.dtype)
     return out
+
+
+def preload_dirs_from_env() -> list[Path]:
+    """``REFRAG_CHUNK_CACHE_PRELOAD``: comma-separated index folders (empty: none)."""
+    return [Path(d.strip()) for d in os.environ.get(PRELOAD_ENV, "").split(",") if d.strip()]
+
+
+def preload(cache: ChunkVectorCache, index_dirs: list[Path], model_dir: str | Path, dtype: torch.dtype) -> int:
+    """Put the REFRAG cache of each index in ``index_dirs`` (``refrag-vllm index``, built for
+    ``model_dir``) into ``cache``, keyed as the engine keys a request's chunks: the passage
+    cut as the renderer cuts it, each chunk tokenized for the encoder. Returns the vectors put."""
+    from transformers import AutoTokenizer
+
+    from .config import ENCODER_TOKENIZER_DIR
+    from .encoder import tokenize_chunks
+    from .prompt import RefragPromptBuilder
+    from .retrieval.index import cached_chunks
+
+    if not cache.enabled or not index_dirs:
+        return 0
+    model_dir = Path(model_dir)
+    builder = RefragPromptBuilder.from_pretrained(model_dir)
+    encoder_tokenizer = AutoTokenizer.from_pretrained(str(model_dir / ENCODER_TOKENIZER_DIR))
+    put = 0
+    for index_dir in index_dirs:
+        for text, vectors in cached_chunks(index_dir, model_dir):
+            texts = builder.chunk_texts(text)
+            if len(texts) != len(vectors):
+                raise ValueError(f"{index_dir}: a passage cuts into {len(texts)} chunks here, "
+                                 f"its cache holds {len(vectors)}")
+            input_ids, mask = tokenize_chunks(encoder_tokenizer, texts, builder.cfg.encoder_max_tokens)
+            cache.put(chunk_keys(input_ids, mask), torch.from_numpy(vectors).to(dtype))
+            put += len(texts)
+    s = cache.stats()
+    logger.info("REFRAG chunk cache: preloaded %d vectors from %s (%d held, %.1f of %.1f MiB)", put,
+                ", ".join(map(str, index_dirs)), s.entries, s.bytes / 2**20, s.max_bytes / 2**20)
+    return put

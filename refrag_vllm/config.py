@@ -72,6 +72,9 @@ class RefragConfig:
     expansion_policy: PolicyConfig | None = None
     projector_initialised: str = "random"
     """Provenance of the projector weights: ``random`` or ``trained``."""
+    question_first: bool = False
+    """The RAG user turn this checkpoint was fine-tuned on names the question before the
+    passages as well as after them (:func:`~refrag_vllm.prompt.rag_user_message`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -104,8 +104,8 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
 
     The projector (built as the delta's ``projector`` config says, if it gives one) and
     the policy are replaced, LoRA is merged into the decoder and encoder weights, and the
-    ``refrag`` config records the delta's chunk size (or ``chunk_size``), projector and
-    policy shape.
+    ``refrag`` config records the delta's chunk size (or ``chunk_size``), projector,
+    policy shape and RAG layout (``question_first``).
     """
     delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
@@ -139,6 +139,7 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
         chunk_size=int(chunk_size or meta["chunk_size"]),
         expansion_policy=policy_cfg,
         projector_initialised="trained",
+        question_first=bool(meta.get("question_first", False)),
     )
     set_refrag_config(model, cfg)
     missing, unexpected = model.load_state_dict(heads, strict=False)

@@ -160,10 +160,15 @@ def pieces_to_prompt(pieces: Sequence[int | CompressedChunks], placeholder_id: i
     return prompt
 
 
-def rag_user_message(passage_markup: Sequence[str], question_markup: str) -> str:
+def rag_user_message(passage_markup: Sequence[str], question_markup: str, *, question_first: bool = False) -> str:
     """The one RAG user-turn layout (offline builder, chat ``documents``): the passages'
-    markup, then the question, both already marked text."""
+    markup, then the question, both already marked text.  ``question_first`` (the
+    checkpoint's ``refrag.question_first``) also names the question before the passages, so
+    the decoder reads every compressed passage knowing what is asked."""
     context = "\n\n".join(passage_markup)
+    if question_first:
+        return (f"Question: {question_markup}\n\nAnswer it using these passages.\n\n{context}"
+                f"\n\nQuestion: {question_markup}")
     return f"Answer the question using these passages.\n\n{context}\n\nQuestion: {question_markup}"
 
 
@@ -209,6 +214,10 @@ class RefragPromptBuilder:
         """Cut a passage into chunks of k decoder tokens (the last may be shorter)."""
         ids = self._encode(text, add_special_tokens=False)
         return [ids[i : i + self.k] for i in range(0, len(ids), self.k)]
+
+    def chunk_texts(self, text: str) -> list[str]:
+        """A passage's chunks as the encoder sees them (:func:`chunk_text` of each chunk)."""
+        return [chunk_text(self.tokenizer, c) for c in self.chunk_passage(text)]
 
     def every_chunk(self, passages: Sequence[str]) -> list[list[int]]:
         """``expand`` for :meth:`build` that keeps every chunk of every passage raw (vanilla RAG)."""
@@ -390,7 +399,7 @@ class RefragPromptBuilder:
         parts = [self.format_passage(p) for p in passages]
         if not parts:
             return question
-        return rag_user_message(parts, escape_text(question))
+        return rag_user_message(parts, escape_text(question), question_first=self.cfg.question_first)
 
     def build(
         self,
@@ -430,7 +439,8 @@ class RefragPromptBuilder:
         for name, text in (("question", question), ("system prompt", system or "")):
             if marker in text:
                 raise ValueError(f"the {name} contains the placeholder token {marker!r}")
-        content = rag_user_message([marker] * len(slots), question) if slots else question
+        content = (rag_user_message([marker] * len(slots), question, question_first=self.cfg.question_first)
+                   if slots else question)
         if use_chat_template and getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": content}

@@ -100,7 +100,8 @@ class RefragRenderer(HfRenderer):
         last = users[-1]
         messages = list(messages)
         messages[last] = {**messages[last],
-                          "content": rag_user_message([passage(t) for t in texts], messages[last]["content"])}
+                          "content": rag_user_message([passage(t) for t in texts], messages[last]["content"],
+                                                      question_first=self.prompt_builder.cfg.question_first)}
         return messages, dataclasses.replace(params, chat_template_kwargs=kwargs)
 
     def render_messages(self, messages, params):

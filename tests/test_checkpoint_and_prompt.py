@@ -113,6 +113,30 @@ def test_build_equals_the_markup_a_client_sends(builder):
     with pytest.raises(ValueError, match="width"):
         builder.build(QUESTION, [CompressedChunks.from_projected_embeds(torch.zeros(2, 7))])
 
+def test_question_first_layout_names_the_question_before_the_passages(builder):
+    """A checkpoint fine-tuned with ``refrag.question_first`` gets the question before the
+    passages as well as after them, offline (``build``) and from a client's ``documents``
+    layout (``format_user_message``) alike."""
+    import dataclasses
+
+    from refrag_vllm.prompt import RefragPromptBuilder
+
+    first = RefragPromptBuilder(builder.tokenizer, dataclasses.replace(builder.cfg, question_first=True),
+                                builder.decoder_hidden_size)
+    content = first.format_user_message(QUESTION, PASSAGES[:2])
+    assert content.startswith(f"Question: {QUESTION}\n\n") and content.endswith(f"\n\nQuestion: {QUESTION}")
+    assert not builder.format_user_message(QUESTION, PASSAGES[:2]).startswith("Question:")
+    built = first.build(QUESTION, PASSAGES[:2])
+    text = first.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+    assert built["prompt_token_ids"] == first.render(text)["prompt_token_ids"]
+    ids = built["prompt_token_ids"]
+    question_ids = first.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    before = ids[: ids.index(first.placeholder_id)]
+    assert any(before[i : i + len(question_ids)] == question_ids for i in range(len(before)))
+    assert len(ids) > len(builder.build(QUESTION, PASSAGES[:2])["prompt_token_ids"])
+
+
 def test_long_passage_split_into_bounded_items(builder):
     long = " ".join(PASSAGES * 40)
     prompt = builder.build(QUESTION, [long])

@@ -1,19 +1,25 @@
-"""The chunk-vector cache on its own (no engine): keys, LRU byte bound, reuse, stats.
-Its parity inside vLLM is in test_parity.py."""
+"""The chunk-vector cache on its own (no engine): keys, LRU byte bound, reuse, stats, preload
+from an index. Its parity inside vLLM is in test_parity.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from refrag_vllm.chunk_cache import (
     CACHE_BYTES_ENV,
     DEFAULT_CACHE_BYTES,
+    PRELOAD_ENV,
     ChunkVectorCache,
     cache_bytes_from_env,
     cached_projection,
     chunk_keys,
+    preload,
+    preload_dirs_from_env,
 )
+from refrag_vllm.config import ENCODER_TOKENIZER_DIR
 
 HIDDEN = 8
 
@@ -119,3 +125,60 @@ def test_size_from_environment(monkeypatch):
         monkeypatch.setenv(CACHE_BYTES_ENV, bad)
         with pytest.raises(ValueError, match=CACHE_BYTES_ENV):
             cache_bytes_from_env()
+
+
+def _index(tmp_path, ckpt, texts):
+    from refrag_vllm.retrieval.index import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return build_index(corpus, tmp_path / "index", ckpt, batch_size=8, progress=False)
+
+
+def test_preload_keys_an_index_as_the_engine_keys_a_request(tiny_ckpt, builder, tmp_path):
+    """An index's REFRAG cache, preloaded, holds every chunk of its passages under the key the
+    engine computes for those passages sent as text (the processor's tokenization), with the
+    index's vectors; an index of another checkpoint is refused."""
+    from helpers import PASSAGES
+
+    from refrag_vllm.encoder import tokenize_chunks
+    from refrag_vllm.retrieval.index import CacheMismatchError
+    from tiny_models import make_tiny_checkpoint
+
+    index = _index(tmp_path, tiny_ckpt, PASSAGES)
+    cache = ChunkVectorCache(1 << 20)
+    put = preload(cache, [index.path], tiny_ckpt, torch.bfloat16)
+    assert put == sum(len(builder.chunk_passage(p)) for p in PASSAGES) == cache.stats().entries
+    enc_tok = AutoTokenizer.from_pretrained(str(tiny_ckpt / ENCODER_TOKENIZER_DIR))
+    prompt = builder.build("Which passage?", PASSAGES)
+    for row, item in enumerate(prompt["multi_modal_data"]["refrag_chunk"]):
+        ids, mask = tokenize_chunks(enc_tok, item.texts, builder.cfg.encoder_max_tokens)
+        found = cache.get(chunk_keys(ids, mask))
+        assert all(v is not None for v in found)
+        assert torch.equal(torch.stack(found), index.chunk_embeds(row).to(torch.bfloat16))
+    assert preload(ChunkVectorCache(0), [index.path], tiny_ckpt, torch.bfloat16) == 0  # cache off
+    other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=1)
+    with pytest.raises(CacheMismatchError, match="built for checkpoint"):
+        preload(ChunkVectorCache(1 << 20), [index.path], other, torch.bfloat16)
+
+
+def test_preload_folders_from_environment(monkeypatch):
+    monkeypatch.setenv(PRELOAD_ENV, "a/index, b/index,")
+    assert preload_dirs_from_env() == [Path("a/index"), Path("b/index")]
+    monkeypatch.delenv(PRELOAD_ENV)
+    assert preload_dirs_from_env() == []
+
+
+def test_serve_refuses_a_preload_index_it_cannot_use(tiny_ckpt, tmp_path):
+    """``refrag-vllm serve --preload-index`` checks the index before starting the server."""
+    from helpers import PASSAGES
+
+    from refrag_vllm.cli import main
+    from tiny_models import make_tiny_checkpoint
+
+    with pytest.raises(SystemExit, match="not an index"):
+        main(["serve", str(tiny_ckpt), "--preload-index", str(tmp_path / "nowhere")])
+    index = _index(tmp_path, tiny_ckpt, PASSAGES[:1])
+    other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=1)
+    with pytest.raises(SystemExit, match="built for checkpoint"):
+        main(["serve", str(other), "--preload-index", str(index.path)])

@@ -1,7 +1,7 @@
 """vLLM RefragLlamaForCausalLM == PyTorch reference, greedy tokens and logprobs.
 
 One engine for the module (prefix caching on, the vLLM default; the chunk-vector cache on,
-its stats in a file)."""
+its stats in a file, preloaded from an index)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 
 from helpers import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks, Passage
-from refrag_vllm.chunk_cache import STATS_FILE_ENV
+from refrag_vllm.chunk_cache import PRELOAD_ENV, STATS_FILE_ENV
 
 pytestmark = pytest.mark.engine
 
@@ -21,13 +21,29 @@ def cache_stats_file(tmp_path_factory):
     return tmp_path_factory.mktemp("chunk-cache") / "stats.json"
 
 
+PRELOADED = ["Indexed before the engine started. " + p for p in PASSAGES]
+
+
 @pytest.fixture(scope="module")
-def llm(tiny_ckpt, cache_stats_file):
-    os.environ[STATS_FILE_ENV] = str(cache_stats_file)  # the engine process inherits it
+def preloaded_index(tiny_ckpt, tmp_path_factory):
+    """An index (``refrag-vllm index``) of :data:`PRELOADED`, whose REFRAG cache the engine preloads."""
+    from refrag_vllm.retrieval.index import build_index
+
+    root = tmp_path_factory.mktemp("preload")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PRELOADED))
+    return build_index(corpus, root / "index", tiny_ckpt, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt, cache_stats_file, preloaded_index):
+    env = {STATS_FILE_ENV: str(cache_stats_file), PRELOAD_ENV: str(preloaded_index.path)}
+    os.environ.update(env)  # the engine process inherits them
     try:
         llm = make_llm(tiny_ckpt, enable_prefix_caching=True)
     finally:
-        del os.environ[STATS_FILE_ENV]
+        for name in env:
+            del os.environ[name]
     yield llm
     shutdown_llm(llm)
 
@@ -247,3 +263,20 @@ def test_chunk_cache_mixes_hits_and_misses_across_items(llm, builder, reference,
     assert after["hits"] - before["hits"] >= len(builder.chunk_passage(seen))
     assert after["misses"] > before["misses"]
     assert_matches_reference(reference, prompt, result)
+
+
+def test_preloaded_index_chunks_hit_on_first_sight(llm, builder, reference, cache_stats_file, preloaded_index):
+    """Passages the engine's cache was preloaded with (``REFRAG_CHUNK_CACHE_PRELOAD``) hit the
+    first time a client sends them as text, and answer exactly as the index's vectors sent by
+    a cached client do."""
+    prompt = builder.build(QUESTION, PRELOADED)
+    n_chunks = sum(len(builder.chunk_passage(p)) for p in PRELOADED)
+    before = _cache_stats(cache_stats_file) if cache_stats_file.exists() else {"hits": 0, "misses": 0}
+    text = greedy(llm, [prompt])[0]
+    after = _cache_stats(cache_stats_file)
+    assert after["hits"] - before["hits"] == n_chunks and after["misses"] == before["misses"]
+    vectors = builder.build(QUESTION, [CompressedChunks.from_projected_embeds(preloaded_index.chunk_embeds(row))
+                                       for row in range(len(PRELOADED))])
+    cached = greedy(llm, [vectors])[0]
+    assert text[0] == cached[0] and text[1] == cached[1]
+    assert_matches_reference(reference, vectors, text)

@@ -561,6 +561,20 @@ def trained(tiny_cfg, base_ckpt, tmp_path_factory):
     return ckpt, delta
 
 
+def test_the_delta_carries_its_rag_layout(trained, base_ckpt, tmp_path):
+    """``run.question_first`` is saved with the delta and becomes the checkpoint's layout."""
+    from refrag_vllm.delta import META, apply_delta, read_delta_meta
+    from refrag_vllm.reference import RefragReferenceModel
+
+    delta = tmp_path / "delta"
+    shutil.copytree(trained[1], delta)
+    assert read_delta_meta(delta)["question_first"] is False
+    assert not apply_delta(RefragReferenceModel.load(base_ckpt), delta).refrag_config.question_first
+    meta = read_delta_meta(delta) | {"question_first": True}
+    (delta / META).write_text(json.dumps(meta))
+    assert apply_delta(RefragReferenceModel.load(base_ckpt), delta).refrag_config.question_first
+
+
 def test_extra_training_data_joins_only_its_stages(trained):
     run = trained[1].parent
     with np.load(run / "train_tokens.npz", allow_pickle=False) as z:  # reconstruction, reading
@@ -648,7 +662,16 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     assert raw_control["positions"] == by["Full context"]["positions"]
     assert raw_control["per_window"] != by["Full context"]["per_window"]
     assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
-    assert [q["condition"] for q in result["qa"]] == ["No passages", "Compressed passages", "Raw passages"]
+    qa = {q["condition"]: q for q in result["qa"]}
+    assert list(qa) == ["No passages", "Compressed passages", "Raw passages",
+                        "Compressed, another question's passages (control)"]
+    # The control: the same layout and positions as its treatment, another question's content.
+    control, compressed = qa["Compressed, another question's passages (control)"], qa["Compressed passages"]
+    assert control["per_example"] != compressed["per_example"]
+    assert qa["No passages"]["gap_recovered"] == 0 and qa["Raw passages"]["gap_recovered"] == pytest.approx(1)
+    assert qa["No passages"]["gain_over_none"] == 0
+    assert compressed["gain_over_none"] == pytest.approx(
+        qa["No passages"]["answer_log_ppl"] - compressed["answer_log_ppl"])
     # The content probe of the same text: every shape, every condition, finite.
     probe = result["probe"]
     assert [(r["n"], r["k"]) for r in probe["shapes"]] == [(1, 4), (2, 4)]

@@ -23,7 +23,8 @@ def warm_results(tiny_ckpt, tmp_path_factory):
 
 def test_every_condition_and_level_is_measured(warm_results):
     _, res = warm_results
-    assert list(res["conditions"]) == ["vanilla", "refrag", "refrag-no-chunk-cache", "refrag-cached"]
+    assert list(res["conditions"]) == ["vanilla", "refrag", "refrag-preloaded", "refrag-no-chunk-cache",
+                                       "refrag-cached"]
     for result in res["conditions"].values():
         rows = result["rows"]
         assert [r["concurrency"] for r in rows] == [1, 2]
@@ -43,6 +44,10 @@ def test_the_chunk_cache_hits_only_where_it_is_on(warm_results):
         result = res["conditions"][condition]
         assert all(r["chunk_cache_hit_rate"] is None for r in result["rows"])
         assert result["chunk_cache"]["entries"] == 0
+    # Preloaded from an index of the pool: every chunk the traffic sends is there from the start.
+    preloaded = res["conditions"]["refrag-preloaded"]["chunk_cache"]
+    assert preloaded["misses"] == 0 and preloaded["hits"] > 0
+    assert preloaded["entries"] >= text["chunk_cache"]["entries"]
     b = res["passage_bytes"]
     assert b["kv_over_chunk_cache"] > 1
 
@@ -61,6 +66,8 @@ def test_summary_merges_the_warm_ratios_into_the_cold_results(warm_results):
     assert merged["k16_cached_vs_ceiling_512"] == 0.9  # the cold run's key is kept
     assert merged["warm_text_cached_vs_vector_ttft_p50"] == pytest.approx(p50["refrag"] / p50["refrag-cached"])
     assert merged["warm_text_vs_vanilla_prefix_ttft_p50"] == pytest.approx(p50["vanilla"] / p50["refrag"])
+    assert merged["warm_text_preloaded_vs_vector_ttft_p50"] == pytest.approx(
+        p50["refrag-preloaded"] / p50["refrag-cached"])
     b = res["passage_bytes"]
     assert merged["bytes_per_cached_chunk"] == b["bytes_per_vector"] > 0
     assert merged["kv_bytes_per_chunk"] == b["kv_bytes_per_token"] * b["chunk_size"] > merged["bytes_per_cached_chunk"]

@@ -102,7 +102,8 @@ def cache_identity(model_dir: str | Path) -> dict:
 
     model_dir = Path(model_dir)
     raw, cfg = load_refrag_config(model_dir)
-    section = {k: v for k, v in raw["refrag"].items() if k != "expansion_policy"}
+    # the policy and the prompt layout do not change a chunk's vector
+    section = {k: v for k, v in raw["refrag"].items() if k not in ("expansion_policy", "question_first")}
     h = hashlib.sha256(json.dumps(section, sort_keys=True).encode())
     tensors = load_tensors(model_dir, ("chunk_encoder.", "projector."))
     for name in sorted(tensors):
@@ -166,15 +167,10 @@ class CacheProjector:
         self.builder = RefragPromptBuilder.from_pretrained(model_dir)
         self.chunk_embedder = ChunkEmbedder.from_pretrained(model_dir)
 
-    def chunk_texts(self, passage: str) -> list[str]:
-        from ..prompt import chunk_text
-
-        return [chunk_text(self.builder.tokenizer, c) for c in self.builder.chunk_passage(passage)]
-
     @torch.no_grad()
     def project(self, passages: Sequence[str]) -> list[np.ndarray]:
         """Per passage, ``(num_chunks, hidden)`` float32 projected vectors."""
-        texts = [self.chunk_texts(p) for p in passages]
+        texts = [self.builder.chunk_texts(p) for p in passages]
         projected = self.chunk_embedder.embed([t for ts in texts for t in ts]).float().numpy()
         out, start = [], 0
         for ts in texts:
@@ -184,6 +180,40 @@ class CacheProjector:
 
 
 # ------------------------------------------------------------------ the index
+def read_committed(path: Path) -> tuple[dict, list[dict]]:
+    """An index folder's ``meta.json`` and its committed passage records (no FAISS)."""
+    if not (path / META).exists():
+        raise FileNotFoundError(
+            f"{path}: not an index (no {META}); build one with refrag-vllm index --corpus FILE --out {path}")
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: index format {meta.get('format')!r}, this version reads {FORMAT}")
+    n = meta["num_passages"]
+    records = []
+    with open(path / PASSAGES, encoding="utf-8") as f:
+        for line in f:
+            if len(records) == n:
+                break
+            records.append(json.loads(line))
+    if len(records) != n:
+        raise ValueError(f"{path}: {PASSAGES} has {len(records)} passages, {META} says {n}")
+    return meta, records
+
+
+def cached_chunks(path: str | Path, model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``(passage text, (num_chunks, hidden) float32 projected vectors)`` for every committed
+    passage of an index, after checking its REFRAG cache belongs to ``model_dir``
+    (:class:`CacheMismatchError` otherwise). Reads no FAISS index."""
+    path = Path(path)
+    meta, records = read_committed(path)
+    check_cache_identity(meta["cache"], cache_identity(model_dir), path)
+    width = meta["cache"]["width"]
+    rows = np.memmap(path / CHUNKS, dtype=np.float32, mode="r", shape=(meta["num_chunk_rows"], width)) \
+        if meta["num_chunk_rows"] else np.zeros((0, width), np.float32)
+    for r in records:
+        yield r["text"], np.array(rows[r["chunk_row"] : r["chunk_row"] + r["num_chunks"]])
+
+
 @dataclass
 class Hit:
     row: int
@@ -205,21 +235,8 @@ class PassageIndex:
         import faiss
 
         path = Path(path)
-        if not (path / META).exists():
-            raise FileNotFoundError(
-                f"{path}: not an index (no {META}); build one with refrag-vllm index --corpus FILE --out {path}")
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: index format {meta.get('format')!r}, this version reads {FORMAT}")
+        meta, records = read_committed(path)
         n = meta["num_passages"]
-        records = []
-        with open(path / PASSAGES, encoding="utf-8") as f:
-            for line in f:
-                if len(records) == n:
-                    break
-                records.append(json.loads(line))
-        if len(records) != n:
-            raise ValueError(f"{path}: {PASSAGES} has {len(records)} passages, {META} says {n}")
         index = faiss.read_index(str(path / FAISS_INDEX))
         if index.ntotal > n:  # a batch was interrupted after the FAISS write: drop its vectors
             index.remove_ids(faiss.IDSelectorRange(n, index.ntotal))
