@@ -38,6 +38,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -186,14 +187,14 @@ def server_flags(cfg: WarmConfig) -> list[str]:
     return flags + (["--enforce-eager"] if cfg.enforce_eager else [])
 
 
-def pool_index(model_dir: str, messages: Messages, out: Path) -> Path:
-    """The pool's passages indexed for ``model_dir`` (``refrag-vllm index``'s build): what the
-    ``refrag-preloaded`` server loads into its chunk-vector cache."""
+def pool_index(model_dir: str, messages: Messages, folder: Path) -> Path:
+    """The pool's passages indexed for ``model_dir`` in ``folder`` (``refrag-vllm index``'s
+    build): what the ``refrag-preloaded`` server loads into its chunk-vector cache."""
     from refrag_vllm.retrieval.index import build_index
 
-    corpus = out / "pool.jsonl"
+    corpus = folder / "pool.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in messages.pool))
-    return build_index(corpus, out / "pool-index", model_dir).path
+    return build_index(corpus, folder / "index", model_dir).path
 
 
 def run_condition(condition: str, model_dir: str, cfg: WarmConfig, messages: Messages, plan, out: Path,
@@ -330,10 +331,11 @@ def main(argv=None) -> dict:
                "config": dataclasses.asdict(cfg), "model": str(args.model), "distinct_passages": distinct,
                "conditions": {}}
     conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]
-    index_dir = pool_index(args.model, messages, out) if PRELOADED in conditions else None
-    for condition in conditions:
-        results["conditions"][condition] = run_condition(condition, args.model, cfg, messages, plan, out, log,
-                                                         index_dir)
+    with tempfile.TemporaryDirectory(prefix="warm-pool-") as folder:  # the index is not a result
+        index_dir = pool_index(args.model, messages, Path(folder)) if PRELOADED in conditions else None
+        for condition in conditions:
+            results["conditions"][condition] = run_condition(condition, args.model, cfg, messages, plan, out, log,
+                                                             index_dir)
     cache = results["conditions"].get(REFRAG, {}).get("chunk_cache", {})
     results["passage_bytes"] = passage_bytes(args.model, cfg, messages, cache)
     results["wall_s"] = time.perf_counter() - started

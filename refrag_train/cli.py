@@ -175,7 +175,8 @@ def cmd_eval(args) -> dict:
     data = _data_dir(args, cfg)
     docs = read_jsonl(data / "heldout.jsonl")
     qa_path = data / "qa_heldout.jsonl"
-    qa = read_jsonl(qa_path, required=("question", "answer", "passages"))[: args.qa_examples] if qa_path.exists() else None
+    qa = read_jsonl(qa_path, required=("question", "answer", "passages"))[: args.qa_examples or None] \
+        if qa_path.exists() else None
     result = evaluate(args.checkpoint, [d["text"] for d in docs], cfg.eval, args.out, qa_examples=qa,
                       seed=cfg.run.seed)
     print((Path(args.out) / "eval.md").read_text())
@@ -263,13 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     common(p, run_dir=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--qa-examples", type=int, default=64)
+    p.add_argument("--qa-examples", type=int, default=64, help="held-out QA questions scored (0: all)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("recipe", help="prepare + train all stages + export + eval")
     common(p)
     p.add_argument("--mlflow", action="store_true")
-    p.add_argument("--qa-examples", type=int, default=64)
+    p.add_argument("--qa-examples", type=int, default=64, help="held-out QA questions scored (0: all)")
     p.add_argument("--ship", action="store_true", help="copy the delta into refrag_vllm/weights/ (default model)")
     p.set_defaults(fn=cmd_recipe)
 
