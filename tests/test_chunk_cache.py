@@ -162,6 +162,16 @@ def test_preload_keys_an_index_as_the_engine_keys_a_request(tiny_ckpt, builder, 
         preload(ChunkVectorCache(1 << 20), [index.path], other, torch.bfloat16)
 
 
+def test_cache_logs_through_vllms_logger():
+    """The hit-rate and preload lines go where vLLM's own do (its handler, its level)."""
+    import logging
+
+    from refrag_vllm.chunk_cache import logger
+
+    vllm_logger = logging.getLogger("vllm")  # configured by vLLM when an engine or server starts
+    assert logger.name.startswith("vllm.") and logger.parent is vllm_logger
+
+
 def test_preload_folders_from_environment(monkeypatch):
     monkeypatch.setenv(PRELOAD_ENV, "a/index, b/index,")
     assert preload_dirs_from_env() == [Path("a/index"), Path("b/index")]
@@ -182,3 +192,12 @@ def test_serve_refuses_a_preload_index_it_cannot_use(tiny_ckpt, tmp_path):
     other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=1)
     with pytest.raises(SystemExit, match="built for checkpoint"):
         main(["serve", str(other), "--preload-index", str(index.path)])
+
+
+def test_serve_takes_the_checkpoint_only_as_its_first_word():
+    from refrag_vllm.cli import split_serve_args
+
+    assert split_serve_args(["CKPT", "--port", "8123"]) == ("CKPT", ["--port", "8123"])
+    assert split_serve_args(["--port", "8123", "--max-model-len", "4096"]) == (
+        None, ["--port", "8123", "--max-model-len", "4096"])
+    assert split_serve_args([]) == (None, [])
