@@ -106,21 +106,21 @@ QA_CONTROL = "Compressed, another question's passages (control)"
 
 def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: int):
     """``{condition: [Sample per example]}``: no passages, compressed, raw, and (two examples
-    or more) the control: another question's passages compressed, the example half the list
-    away (the same pairing as :mod:`refrag_train.qa_generation`)."""
+    or more) the control: another question's passages compressed, paired as
+    :mod:`refrag_train.qa_generation` pairs them (:func:`~refrag_train.qa_generation.control_examples`)."""
+    from .qa_generation import control_examples
     from .samples import qa_sample
 
     conds: dict[str, list[Sample]] = {"No passages": [], "Compressed passages": [], "Raw passages": []}
-    n = len(examples)
-    if n >= 2:
-        conds[QA_CONTROL] = []
-    for i, ex in enumerate(examples):
+    for ex in examples:
         q, a, ps = ex["question"], ex["answer"], ex["passages"]
         conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
         conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
         conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=builder.every_chunk(ps)))
-        if n >= 2:
-            conds[QA_CONTROL].append(qa_sample(builder, q, examples[(i + n // 2) % n]["passages"], a, eos_id))
+    others = control_examples(examples)
+    if others:
+        conds[QA_CONTROL] = [qa_sample(builder, ex["question"], o["passages"], ex["answer"], eos_id)
+                             for ex, o in zip(examples, others)]
     return conds
 
 

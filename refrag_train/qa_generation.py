@@ -68,6 +68,13 @@ def paired_difference(treatment: list[float], control: list[float]) -> dict:
     return {"mean": mean, "se": se, "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
 
 
+def control_examples(examples: list[dict]) -> list[dict]:
+    """Each example's control partner: the example half the list away (so, in a list ordered by
+    page, another page's); empty for fewer than two examples."""
+    n = len(examples)
+    return [examples[(i + n // 2) % n] for i in range(n)] if n >= 2 else []
+
+
 def build_prompts(builder, examples: list[dict]) -> dict[str, list[dict]]:
     """``{condition: [prompt per example]}``: the first three :data:`CONDITIONS`; with two
     examples or more, the control (another question's passages), and :data:`GOLD_CONDITIONS`
@@ -78,9 +85,9 @@ def build_prompts(builder, examples: list[dict]) -> dict[str, list[dict]]:
         prompts[CONDITIONS[0]].append(builder.build(q, []))
         prompts[CONDITIONS[1]].append(builder.build(q, ps))
         prompts[CONDITIONS[2]].append(builder.build(q, ps, expand=builder.every_chunk(ps)))
-    if len(examples) < 2:  # no other question to take passages from
+    others = control_examples(examples)
+    if not others:  # no other question to take passages from
         return prompts
-    others = [examples[(i + len(examples) // 2) % len(examples)] for i in range(len(examples))]
     prompts[CONDITIONS[3]] = [builder.build(ex["question"], o["passages"]) for ex, o in zip(examples, others)]
     if all(ex.get("gold") is not None for ex in examples):
         def gold(ex):

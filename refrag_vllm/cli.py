@@ -175,13 +175,11 @@ def _has_policy(model_dir: Path) -> bool:
 def checked_preload_indexes(index_dirs: list[str], model: str) -> list[str]:
     """The indexes' absolute paths, each checked to hold a REFRAG cache built for ``model``
     (before the server starts: a wrong index is refused at once, not in the engine)."""
-    from .retrieval.index import cache_identity, check_cache_identity, read_committed
+    from .retrieval.index import read_checked
 
-    identity = cache_identity(model)
     for d in index_dirs:
         try:
-            meta, _ = read_committed(Path(d))
-            check_cache_identity(meta["cache"], identity, d)
+            read_checked(d, model)
         except (OSError, ValueError) as e:  # CacheMismatchError is a ValueError
             raise SystemExit(f"--preload-index {d}: {e}") from None
     return [str(Path(d).resolve()) for d in index_dirs]

@@ -269,9 +269,9 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
             self.chunk_encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
             self.projector = ChunkProjector(cfg.projector)
         self.chunk_cache = ChunkVectorCache.from_env()
-        self.model_dir = vllm_config.model_config.model
-        self.projector_dtype = vllm_config.model_config.dtype
-        """The dtype of the projected vectors the engine computes (and the cache holds)."""
+        # indexed passages' vectors, in the dtype the engine's projector computes them
+        preload(self.chunk_cache, preload_dirs_from_env(), vllm_config.model_config.model,
+                vllm_config.model_config.dtype)
         with self._mark_language_model(vllm_config):
             self.language_model = LlamaForCausalLM(
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
@@ -339,6 +339,4 @@ class RefragLlamaForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The expansion policy runs before the engine (it decides the prompt), not in it.
         loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=["expansion_policy."])
-        loaded = loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
-        preload(self.chunk_cache, preload_dirs_from_env(), self.model_dir, self.projector_dtype)
-        return loaded
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -26,6 +26,17 @@ def load_reference_and_builder(ckpt):
     return RefragReferenceModel.load(ckpt), RefragPromptBuilder.from_pretrained(ckpt)
 
 
+def index_of(texts, folder, ckpt):
+    """A passage index (``refrag-vllm index``'s build) of ``texts`` for ``ckpt``, in ``folder``."""
+    import json
+
+    from refrag_vllm.retrieval.index import build_index
+
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return build_index(corpus, folder / "index", ckpt, batch_size=8, progress=False)
+
+
 def make_llm(model_dir, **kwargs):
     """:func:`refrag_vllm.engine.make_llm` with the tests' settings: fp32, a fixed seed and
     block size, the KV cache from ``VLLM_CPU_KVCACHE_SPACE``; ``kwargs`` override them."""

@@ -127,25 +127,17 @@ def test_size_from_environment(monkeypatch):
             cache_bytes_from_env()
 
 
-def _index(tmp_path, ckpt, texts):
-    from refrag_vllm.retrieval.index import build_index
-
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return build_index(corpus, tmp_path / "index", ckpt, batch_size=8, progress=False)
-
-
 def test_preload_keys_an_index_as_the_engine_keys_a_request(tiny_ckpt, builder, tmp_path):
     """An index's REFRAG cache, preloaded, holds every chunk of its passages under the key the
     engine computes for those passages sent as text (the processor's tokenization), with the
     index's vectors; an index of another checkpoint is refused."""
-    from helpers import PASSAGES
+    from helpers import PASSAGES, index_of
 
     from refrag_vllm.encoder import tokenize_chunks
     from refrag_vllm.retrieval.index import CacheMismatchError
     from tiny_models import make_tiny_checkpoint
 
-    index = _index(tmp_path, tiny_ckpt, PASSAGES)
+    index = index_of(PASSAGES, tmp_path, tiny_ckpt)
     cache = ChunkVectorCache(1 << 20)
     put = preload(cache, [index.path], tiny_ckpt, torch.bfloat16)
     assert put == sum(len(builder.chunk_passage(p)) for p in PASSAGES) == cache.stats().entries
@@ -181,14 +173,14 @@ def test_preload_folders_from_environment(monkeypatch):
 
 def test_serve_refuses_a_preload_index_it_cannot_use(tiny_ckpt, tmp_path):
     """``refrag-vllm serve --preload-index`` checks the index before starting the server."""
-    from helpers import PASSAGES
+    from helpers import PASSAGES, index_of
 
     from refrag_vllm.cli import main
     from tiny_models import make_tiny_checkpoint
 
     with pytest.raises(SystemExit, match="not an index"):
         main(["serve", str(tiny_ckpt), "--preload-index", str(tmp_path / "nowhere")])
-    index = _index(tmp_path, tiny_ckpt, PASSAGES[:1])
+    index = index_of(PASSAGES[:1], tmp_path, tiny_ckpt)
     other = make_tiny_checkpoint(tmp_path / "other", k=16, seed=1)
     with pytest.raises(SystemExit, match="built for checkpoint"):
         main(["serve", str(other), "--preload-index", str(index.path)])

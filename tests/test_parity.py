@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import PASSAGES, QUESTION, assert_matches_reference, greedy, make_llm, shutdown_llm
+from helpers import PASSAGES, QUESTION, assert_matches_reference, greedy, index_of, make_llm, shutdown_llm
 from refrag_vllm import CompressedChunks, Passage
 from refrag_vllm.chunk_cache import PRELOAD_ENV, STATS_FILE_ENV
 
@@ -27,12 +27,7 @@ PRELOADED = ["Indexed before the engine started. " + p for p in PASSAGES]
 @pytest.fixture(scope="module")
 def preloaded_index(tiny_ckpt, tmp_path_factory):
     """An index (``refrag-vllm index``) of :data:`PRELOADED`, whose REFRAG cache the engine preloads."""
-    from refrag_vllm.retrieval.index import build_index
-
-    root = tmp_path_factory.mktemp("preload")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PRELOADED))
-    return build_index(corpus, root / "index", tiny_ckpt, batch_size=8, progress=False)
+    return index_of(PRELOADED, tmp_path_factory.mktemp("preload"), tiny_ckpt)
 
 
 @pytest.fixture(scope="module")

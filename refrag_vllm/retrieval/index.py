@@ -200,13 +200,20 @@ def read_committed(path: Path) -> tuple[dict, list[dict]]:
     return meta, records
 
 
-def cached_chunks(path: str | Path, model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """``(passage text, (num_chunks, hidden) float32 projected vectors)`` for every committed
-    passage of an index, after checking its REFRAG cache belongs to ``model_dir``
-    (:class:`CacheMismatchError` otherwise). Reads no FAISS index."""
+def read_checked(path: str | Path, model_dir: str | Path) -> tuple[dict, list[dict]]:
+    """:func:`read_committed`, after checking the index's REFRAG cache belongs to ``model_dir``
+    (:class:`CacheMismatchError` otherwise)."""
     path = Path(path)
     meta, records = read_committed(path)
     check_cache_identity(meta["cache"], cache_identity(model_dir), path)
+    return meta, records
+
+
+def cached_chunks(path: str | Path, model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``(passage text, (num_chunks, hidden) float32 projected vectors)`` for every committed
+    passage of an index built for ``model_dir`` (:func:`read_checked`). Reads no FAISS index."""
+    path = Path(path)
+    meta, records = read_checked(path, model_dir)
     width = meta["cache"]["width"]
     rows = np.memmap(path / CHUNKS, dtype=np.float32, mode="r", shape=(meta["num_chunk_rows"], width)) \
         if meta["num_chunk_rows"] else np.zeros((0, width), np.float32)
