@@ -49,17 +49,26 @@ class BenchConfig:
     beyond: list[int] = field(default_factory=lambda: [16384, 32768])
     """Longer contexts, for REFRAG modes only (past the decoder's window uncompressed)."""
     ks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """Chunk sizes of the REFRAG modes."""
     repeats: int = 3
+    """Timed runs per point; the median counts."""
     decode_tokens: int = 16
     """Output tokens of the TPOT run (one per point)."""
     policy_k: int = 16
+    """k of the policy mode (the checkpoint's RL policy expands some chunks)."""
     policy_fraction: float = 0.1
+    """Share of chunks the policy mode keeps as raw tokens."""
     throughput_length: int = 2048
+    """Context tokens per request of the throughput run."""
     throughput_requests: int = 8
+    """Requests submitted together in the throughput run."""
     throughput_tokens: int = 32
+    """Output tokens per request of the throughput run."""
     passage_tokens: int = 256
+    """Decoder tokens per passage: contexts are whole passages."""
     max_model_len: int = 8192
     kv_cache_gib: int = 4
+    """The engines' KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     omp_bind: str = "all"
     """VLLM_CPU_OMP_THREADS_BIND: ``all`` (the model's OpenMP threads on every core), ``auto``
     (vLLM's default: one core kept for the scheduler process) or a core list such as ``0-1``.
@@ -74,14 +83,20 @@ class BenchConfig:
     256 chunks).  On this CPU machine that run left the engine's worker at 17.2 GiB resident
     instead of 5.5 GiB, and it sizes nothing on CPU (the KV cache size is set explicitly)."""
     server: bool = True
+    """Also time the OpenAI server with a streaming client."""
     server_lengths: list[int] = field(default_factory=lambda: [2048, 0])
+    """The server run's context lengths (0 as in ``lengths``)."""
     server_beyond: list[int] = field(default_factory=lambda: [32768])
+    """The server run's longer contexts, REFRAG modes only."""
     server_k: int = 16
+    """k of the server run's REFRAG modes."""
     bench_serve: bool = True
     bench_serve_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
     """Vanilla lengths cross-checked with ``vllm bench serve`` (same prompts, ours vs theirs)."""
     hf_baseline: bool = True
+    """Also time plain transformers (the same checkpoint, no vLLM)."""
     hf_repeats: int = 2
+    """Timed runs per point of the transformers baseline."""
 
 
 PROFILES = {

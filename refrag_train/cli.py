@@ -68,8 +68,10 @@ def cmd_prepare(args) -> None:
     print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
 
 
-def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=None, use_mlflow=False) -> Path:
-    """Run ``stages`` in order; each starts from the previous stage's final weights."""
+def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=None, init: Path | None = None,
+                 use_mlflow=False) -> Path:
+    """Run ``stages`` in order; each starts from the previous stage's final weights, the first from
+    ``init`` (a stage's ``final/`` folder, e.g. another run's) where it is given."""
     from .cpt import train_cpt
     from .data import read_jsonl
     from .model import TrainingModel
@@ -104,7 +106,9 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
                   f"{corpora[extra].num_tokens} tokens")
         return corpora[extra]
 
-    previous = None
+    if init is not None and not (Path(init) / "refrag_delta.json").exists():
+        raise SystemExit(f"--init {init}: not a stage's weights (no refrag_delta.json)")
+    previous = Path(init) if init is not None else None
     final = None
     for name in STAGES:
         final_dir = run_dir / name / "final"
@@ -144,7 +148,7 @@ def cmd_train(args) -> None:
     cfg = _config(args)
     stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
     final = train_stages(cfg, Path(args.run_dir), _data_dir(args, cfg), stages,
-                         base_checkpoint=args.base_checkpoint, use_mlflow=args.mlflow)
+                         base_checkpoint=args.base_checkpoint, init=args.init, use_mlflow=args.mlflow)
     print(f"latest weights: {final}")
 
 
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     common(p)
     p.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--mlflow", action="store_true", help="also log to MLflow (./RUN_DIR/../mlruns)")
+    p.add_argument("--init", default=None, metavar="STAGE_FINAL",
+                   help="start the first stage from these weights (a stage's final/ folder) instead of the "
+                        "previous stage's in RUN_DIR, e.g. to continue a finished stage in a new run")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="write a servable checkpoint from a run's latest weights")

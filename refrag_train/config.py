@@ -125,6 +125,9 @@ class ReadingConfig:
     """Chunks per sample (of ``run.default_chunk_size`` tokens each)."""
     train_encoder: bool = True
     """Train the encoder's LoRA too; the projector and the decoder's LoRA always learn."""
+    seed: int = 0
+    """Added to ``run.seed`` for this stage's samples: a stage continued from another run's
+    reading (``refrag-train train --init``) draws windows the first one did not."""
     recall_fraction: float = 0.0
     """Share of each batch that are recall samples: one chunk of an n-chunk window,
     reproduced from all n vectors after its first ``recall_cue_tokens`` tokens."""
@@ -190,17 +193,25 @@ class PolicyRLConfig:
 
 @dataclass
 class SFTConfig:
+    """Stage 4: question + compressed passages -> answer, with CPT samples replayed."""
+
     lr: float = 2e-5
+    """Peak learning rate (the paper's SFT: 2e-5)."""
     warmup: float = 0.04
+    """Share of the steps spent warming up linearly."""
     steps: int = 100
     batch_size: int = 4
+    """QA examples per step."""
     train_decoder: bool = True
+    """Train the decoder's LoRA; the projector always learns."""
     train_encoder: bool = True
+    """Train the encoder's LoRA."""
     replay_batch_size: int = 0
     """CPT samples added to every step (``replay_chunks`` chunks of ``run.default_chunk_size``,
     then ``cpt.continuation_tokens`` to predict); their mean loss is added to the QA loss, so
     that SFT does not wash out the compressed-context language modelling CPT taught."""
     replay_chunks: int = 16
+    """Chunks of each replayed CPT sample's context."""
     replay_distill: float = 0.0
     """With a weight > 0, the replay samples' loss is this weight times the KL divergence from
     the model as it entered SFT (the previous stage's frozen weights) instead of their NLL:

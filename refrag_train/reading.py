@@ -31,7 +31,7 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int):
     """``batch_size`` samples: windows of ``num_chunks x k`` tokens (k: the run's default) to
     reconstruct, then ``round(recall_fraction * batch_size)`` recall samples."""
     c, k = model.cfg.reading, model.cfg.run.default_chunk_size
-    rng = step_rng(model.cfg.run.seed, NAME, step)
+    rng = step_rng(model.cfg.run.seed + c.seed, NAME, step)
     num_recall = round(c.recall_fraction * c.batch_size)
     batch = reconstruction_batch(model, corpus, rng, c.num_chunks, k, c.batch_size - num_recall)
     for _ in range(num_recall):

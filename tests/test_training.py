@@ -583,6 +583,34 @@ def test_extra_training_data_joins_only_its_stages(trained):
         assert int(z["num_docs"]) == len(_corpus_texts())
 
 
+def test_init_continues_a_finished_stage_in_a_new_run(trained, tiny_cfg, base_ckpt, tmp_path):
+    """``refrag-train train --init STAGE_FINAL``: the first stage starts from another run's
+    weights; with ``reading.seed`` it draws windows the first run's reading did not."""
+    from refrag_train import reading
+    from refrag_train.cli import train_stages
+    from refrag_train.data import read_jsonl
+    from refrag_train.samples import TokenCorpus
+
+    run = trained[1].parent
+    data, init = run.parent / "data", run / "reading" / "final"
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.reading.seed = 1
+    with pytest.raises(SystemExit, match="not a stage's weights"):
+        train_stages(cfg, tmp_path / "bad", data, ["reading"], base_checkpoint=base_ckpt, init=run)
+    final = train_stages(cfg, tmp_path / "more", data, ["reading"], base_checkpoint=base_ckpt, init=init)
+    assert final == tmp_path / "more" / "reading" / "final"
+    # Its first step's loss is the loss of the init weights on that step's batch.
+    model = _model(cfg, base_ckpt)
+    model.load_delta_weights(init)
+    corpus = TokenCorpus.from_texts([d["text"] for d in read_jsonl(data / "train.jsonl")], model.tokenizer)
+    logged = json.loads((tmp_path / "more" / "reading" / "metrics.jsonl").open().readline())["loss"]
+    assert _loss_on(model, reading.make_batch(model, corpus, 0)) == pytest.approx(logged, rel=1e-4)
+    batch_ids = lambda: [s.prompt["prompt_token_ids"] for s in reading.make_batch(model, corpus, 0)]  # noqa: E731
+    seed_one = batch_ids()
+    model.cfg.reading.seed = 0
+    assert seed_one != batch_ids()
+
+
 def test_extra_train_stages_must_name_stages(tiny_cfg, tmp_path):
     from refrag_train.cli import train_stages
 
