@@ -71,7 +71,8 @@ def cmd_prepare(args) -> None:
 def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=None, init: Path | None = None,
                  use_mlflow=False) -> Path:
     """Run ``stages`` in order; each starts from the previous stage's final weights, the first from
-    ``init`` (a stage's ``final/`` folder, e.g. another run's) where it is given."""
+    ``init`` (a stage's ``final/`` folder, e.g. another run's) where it is given, whatever stages
+    not named have finished in ``run_dir``."""
     from .cpt import train_cpt
     from .data import read_jsonl
     from .model import TrainingModel
@@ -89,6 +90,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
         if not (folder / "train.jsonl").exists():
             raise SystemExit(f"data.extra_train: {folder}/train.jsonl is missing; prepare it with "
                              f"`refrag-train prepare --domain DOMAIN --out {folder}`")
+    if init is not None and not (Path(init) / "refrag_delta.json").exists():
+        raise SystemExit(f"--init {init}: not a stage's weights (no refrag_delta.json)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     model = TrainingModel(cfg, base_checkpoint)
@@ -106,14 +109,12 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
                   f"{corpora[extra].num_tokens} tokens")
         return corpora[extra]
 
-    if init is not None and not (Path(init) / "refrag_delta.json").exists():
-        raise SystemExit(f"--init {init}: not a stage's weights (no refrag_delta.json)")
-    previous = Path(init) if init is not None else None
+    previous = init = Path(init) if init is not None else None
     final = None
     for name in STAGES:
         final_dir = run_dir / name / "final"
         if name not in stages:
-            if (final_dir / "refrag_delta.json").exists():
+            if init is None and (final_dir / "refrag_delta.json").exists():
                 previous = final_dir
             continue
         if name == "reading" and cfg.reading.steps == 0:
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--mlflow", action="store_true", help="also log to MLflow (./RUN_DIR/../mlruns)")
     p.add_argument("--init", default=None, metavar="STAGE_FINAL",
-                   help="start the first stage from these weights (a stage's final/ folder) instead of the "
-                        "previous stage's in RUN_DIR, e.g. to continue a finished stage in a new run")
+                   help="start the first stage named from these weights (a stage's final/ folder), not from "
+                        "stages finished in RUN_DIR, e.g. to continue a finished stage in a new run; "
+                        "refused before anything is written if it is not a stage's weights")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="write a servable checkpoint from a run's latest weights")

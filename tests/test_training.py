@@ -597,6 +597,9 @@ def test_init_continues_a_finished_stage_in_a_new_run(trained, tiny_cfg, base_ck
     cfg.reading.seed = 1
     with pytest.raises(SystemExit, match="not a stage's weights"):
         train_stages(cfg, tmp_path / "bad", data, ["reading"], base_checkpoint=base_ckpt, init=run)
+    assert not (tmp_path / "bad").exists()  # refused before the run folder or the model
+    # A finished stage in the new run's folder that is not named does not replace --init.
+    shutil.copytree(run / "reconstruction", tmp_path / "more" / "reconstruction")
     final = train_stages(cfg, tmp_path / "more", data, ["reading"], base_checkpoint=base_ckpt, init=init)
     assert final == tmp_path / "more" / "reading" / "final"
     # Its first step's loss is the loss of the init weights on that step's batch.
