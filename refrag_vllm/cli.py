@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     elif args.command == "build":
+        if args.k is not None and args.k < 1:
+            parser.error(f"--k {args.k}: k must be a positive number of tokens")
         build_checkpoint(args.out, decoder=args.decoder, encoder=args.encoder, k=args.k, weights=args.weights,
                          delta=args.delta, no_delta=args.no_delta, dtype=args.dtype)
     elif args.command == "positions":

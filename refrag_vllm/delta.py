@@ -99,6 +99,13 @@ def read_delta_meta(delta_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def check_chunk_size(k) -> int:
+    """``k`` as an int if it is a positive number of tokens; ``ValueError`` otherwise."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"chunk size {k!r}: k must be a positive number of tokens")
+    return int(k)
+
+
 def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
     """Merge a delta into an in-memory ``RefragReferenceModel``; returns the merged model.
 
@@ -109,6 +116,7 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
     """
     delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
+    chunk_size = check_chunk_size(meta["chunk_size"] if chunk_size is None else chunk_size)
     dtype = model.dtype
     tokenizer = model.encoder_tokenizer
     if (delta_dir / ADAPTER_CONFIG).exists():
@@ -136,7 +144,7 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
         model.projector = ChunkProjector(cfg.projector)
     cfg = dataclasses.replace(
         cfg,
-        chunk_size=int(chunk_size or meta["chunk_size"]),
+        chunk_size=chunk_size,
         expansion_policy=policy_cfg,
         projector_initialised="trained",
         question_first=bool(meta.get("question_first", False)),

@@ -659,6 +659,23 @@ def test_export_serves_at_another_chunk_size(trained, tiny_cfg, base_ckpt, tmp_p
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.parametrize("k", [0, -4, 2.5])
+def test_a_chunk_size_below_one_token_is_refused(trained, tiny_cfg, base_ckpt, tmp_path, k):
+    """k = 0 is refused where the weights are merged, not read as "the delta's k"; and by
+    ``refrag-vllm build --k`` before any model is loaded."""
+    from refrag_vllm.cli import main
+    from refrag_train.model import export_checkpoint
+
+    _, delta = trained
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        export_checkpoint(tiny_cfg, delta, tmp_path / "bad", base_checkpoint=base_ckpt, chunk_size=k)
+    if isinstance(k, int):
+        with pytest.raises(SystemExit) as refused:
+            main(["build", "--out", str(tmp_path / "built"), "--k", str(k)])
+        assert refused.value.code == 2
+    assert not (tmp_path / "built").exists()
+
+
 @pytest.mark.engine
 def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
     from helpers import LOGPROB_ATOL, make_llm, shutdown_llm
