@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from refrag_vllm.config import chunk_size_arg
 from refrag_vllm.delta import copy_delta
 
 STAGES = ("reconstruction", "reading", "cpt", "policy", "sft")
@@ -164,8 +165,6 @@ def latest_delta(run_dir: Path) -> Path:
 def cmd_export(args) -> Path:
     from .model import export_checkpoint
 
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise SystemExit(f"--chunk-size {args.chunk_size}: k must be a positive number of tokens")
     cfg = _config(args)
     # The shippable form (bf16, no optimizer state): export goes through exactly what ships.
     delta = copy_delta(latest_delta(Path(args.run_dir)), Path(args.run_dir) / "delta")
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="write a servable checkpoint from a run's latest weights")
     common(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--chunk-size", type=int, default=None, metavar="K",
+    p.add_argument("--chunk-size", type=chunk_size_arg, default=None, metavar="K",
                    help="the k the checkpoint serves at (default: the k the weights were trained for)")
     p.set_defaults(fn=cmd_export)
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import chunk_size_arg
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
 from .middleware import SIZE_LIMIT_MIDDLEWARE
 from .modes import REFRAG_CACHED
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--decoder", help="HF Llama folder or .gguf file (default: shipped SmolLM2-135M-Instruct)")
     b.add_argument("--encoder", help="HF BERT/RoBERTa folder, or decoder-layers:N (the decoder's first N layers); "
                    "default: the trained weights' encoder, else the shipped all-MiniLM-L6-v2")
-    b.add_argument("--k", type=int, default=None,
+    b.add_argument("--k", type=chunk_size_arg, default=None,
                    help="decoder tokens per compressed chunk (default: the trained weights' k, else 16)")
     b.add_argument("--delta", help="trained delta folder from refrag-train (default: the shipped one "
                    "when decoder and encoder are the defaults)")
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     elif args.command == "build":
-        if args.k is not None and args.k < 1:
-            parser.error(f"--k {args.k}: k must be a positive number of tokens")
         build_checkpoint(args.out, decoder=args.decoder, encoder=args.encoder, k=args.k, weights=args.weights,
                          delta=args.delta, no_delta=args.no_delta, dtype=args.dtype)
     elif args.command == "positions":

@@ -26,6 +26,23 @@ class CheckpointMismatchError(ValueError):
     """The parts of a REFRAG checkpoint disagree with each other."""
 
 
+def check_chunk_size(k) -> int:
+    """``k`` as an int if it is a positive number of tokens; ``ValueError`` otherwise."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"chunk size {k!r}: k must be a positive number of tokens")
+    return int(k)
+
+
+def chunk_size_arg(text: str) -> int:
+    """argparse ``type=`` of a k flag: :func:`check_chunk_size`, refused as a usage error."""
+    import argparse
+
+    try:
+        return check_chunk_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: k must be a positive number of tokens") from None
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
     """2-layer MLP ``in_dim -> hidden_dim -> out_dim`` (paper: hidden == out)."""

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import set_refrag_config
-from .config import PolicyConfig, ProjectorConfig
+from .config import PolicyConfig, ProjectorConfig, check_chunk_size
 from .expansion_policy import ExpansionPolicy
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,13 +97,6 @@ def read_delta_meta(delta_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{delta_dir}: not a REFRAG delta folder (no {META})")
     return json.loads(path.read_text())
-
-
-def check_chunk_size(k) -> int:
-    """``k`` as an int if it is a positive number of tokens; ``ValueError`` otherwise."""
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"chunk size {k!r}: k must be a positive number of tokens")
-    return int(k)
 
 
 def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):

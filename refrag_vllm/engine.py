@@ -41,7 +41,8 @@ def build_checkpoint(out: str | Path, *, decoder: str | None = None, encoder: st
 
     from .checkpoint import assemble_model, write_checkpoint
     from .default_models import load_decoder, load_encoder
-    from .delta import SHIPPED_DELTA, apply_delta, check_chunk_size, delta_fingerprint, read_delta_meta
+    from .config import check_chunk_size
+    from .delta import SHIPPED_DELTA, apply_delta, delta_fingerprint, read_delta_meta
 
     torch_dtype = getattr(torch, dtype)
     if k is not None:

@@ -662,18 +662,22 @@ def test_export_serves_at_another_chunk_size(trained, tiny_cfg, base_ckpt, tmp_p
 @pytest.mark.parametrize("k", [0, -4, 2.5])
 def test_a_chunk_size_below_one_token_is_refused(trained, tiny_cfg, base_ckpt, tmp_path, k):
     """k = 0 is refused where the weights are merged, not read as "the delta's k"; and by
-    ``refrag-vllm build --k`` before any model is loaded."""
-    from refrag_vllm.cli import main
+    ``refrag-vllm build --k`` and ``refrag-train export --chunk-size`` before any model is loaded."""
+    from refrag_train.cli import main as train_main
     from refrag_train.model import export_checkpoint
+    from refrag_vllm.cli import main
 
     _, delta = trained
     with pytest.raises(ValueError, match="positive number of tokens"):
         export_checkpoint(tiny_cfg, delta, tmp_path / "bad", base_checkpoint=base_ckpt, chunk_size=k)
-    if isinstance(k, int):
-        with pytest.raises(SystemExit) as refused:
-            main(["build", "--out", str(tmp_path / "built"), "--k", str(k)])
-        assert refused.value.code == 2
-    assert not (tmp_path / "built").exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["build", "--out", str(tmp_path / "built"), "--k", str(k)])
+    assert refused.value.code == 2
+    with pytest.raises(SystemExit) as refused:
+        train_main(["export", "--config", "tiny", "--run-dir", str(tmp_path / "run"),
+                    "--out", str(tmp_path / "exported"), "--chunk-size", str(k)])
+    assert refused.value.code == 2
+    assert not (tmp_path / "built").exists() and not (tmp_path / "exported").exists()
 
 
 @pytest.mark.engine
