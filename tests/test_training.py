@@ -883,3 +883,38 @@ def test_training_curves_plot_a_group_missing_at_some_steps(tmp_path):
     (tmp_path / "run" / "cpt" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_training(tmp_path / "run", tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
+    """``python -m refrag_train.compare_arms RUN CONTROL``: each condition's RUN − CONTROL over the
+    same questions, "better" meaning a lower log-PPL and a higher content recall."""
+    from refrag_train.compare_arms import compare, main, markdown
+
+    def arm(name, log_ppl, answers):
+        run = tmp_path / name
+        (run / "eval-qa518").mkdir(parents=True)
+        (run / "qa-python").mkdir()
+        qa = [{"condition": c, "per_example": v} for c, v in log_ppl.items()]
+        (run / "eval-qa518" / "eval.json").write_text(json.dumps({"qa": qa}))
+        rows = [{"id": i, "question": f"q{i}", "reference": "Paris is the capital of France.", "Compressed": a}
+                for i, a in enumerate(answers)]
+        (run / "qa-python" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run
+
+    run = arm("run", {"No passages": [3.0, 3.0, 3.0], "Compressed": [2.0, 2.5, 3.5]}, ["Paris, France", "Paris", "no"])
+    control = arm("control", {"No passages": [3.0, 3.0, 3.0], "Compressed": [2.5, 2.5, 3.0]}, ["Paris", "Paris", "no"])
+    result = compare(run, control)
+    log_ppl = {r["condition"]: r for r in result["answer_log_ppl"]}
+    assert log_ppl["Compressed"]["mean"] == pytest.approx(0.0)
+    assert (log_ppl["Compressed"]["better"], log_ppl["Compressed"]["worse"]) == (1, 1)
+    assert log_ppl["No passages"]["mean"] == 0.0 and log_ppl["No passages"]["better"] == 0
+    (recall,) = result["greedy_recall"]
+    assert recall["condition"] == "Compressed" and recall["mean"] == pytest.approx(1 / 3 / 3)
+    assert (recall["better"], recall["worse"]) == (1, 0)
+    assert "| Compressed | +0.000 ± 0.289 | 1 / 1 |" in markdown(result)
+    # Arms that answered different questions are refused, not paired.
+    other = arm("other", {"No passages": [3.0, 3.0], "Compressed": [2.0, 2.0]}, ["Paris", "Paris"])
+    with pytest.raises(ValueError, match="different numbers of questions"):
+        compare(run, other)
+    with pytest.raises(SystemExit, match="share no"):
+        main([str(run), str(tmp_path / "missing")])
