@@ -192,6 +192,10 @@ class CPTConfig:
     (ARC-Encoder mixes about 20%)."""
     reconstruction_max_chunks: int = 4
     """n of those reconstruction samples is drawn up to this."""
+    plain_fraction: float = 0.0
+    """Share of the next-paragraph samples drawn with no context at all (BOS, then the o
+    tokens), so the decoder's LoRA keeps predicting text with nothing before it: what the
+    served model does for a request without passages, and the eval's "no context" row."""
     distill_weight: float = 0.0
     """With a weight > 0, the next-paragraph samples are scored by ``distill_weight`` *
     KL(base decoder reading the context as raw tokens || model reading it compressed) over

@@ -4,7 +4,8 @@ The curriculum grows s = n*k as in reconstruction.  A share (``mixed_fraction``)
 the samples keep a random fraction p of their chunks as raw tokens, so the model
 learns mixed inputs (the paper's p = 0.1 stage before RL); another share
 (``reconstruction_fraction``) are reconstruction samples, so the chunk vectors'
-content stays readable while the decoder adapts.  With ``distill_weight``, the
+content stays readable while the decoder adapts, and a share of the next-paragraph samples
+(``plain_fraction``) have no context, so the decoder keeps its plain language modelling.  With ``distill_weight``, the
 next-paragraph samples learn the base decoder's next-token distributions after the
 same context as raw tokens (KL), instead of the corpus's one next token.  The encoder
 LoRA, the projector and (with ``train_decoder``) the decoder's LoRA learn.
@@ -37,7 +38,8 @@ def plan(model: TrainingModel):
 def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
                           rng: random.Random, with_teacher: bool = False) -> Sample:
     """One CPT sample: ``num_chunks * k`` context tokens compressed (with probability
-    ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict.
+    ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict
+    (``num_chunks = 0``: BOS, then the o tokens).
     ``with_teacher``: its ``teacher_prompt`` holds the same context as raw tokens."""
     c = model.cfg.cpt
     s = num_chunks * k
@@ -67,8 +69,8 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
                                                corpus.window(n * b.chunk_size, rng), b.chunk_size,
                                                start=model.cfg.run.bos_first))
         else:
-            sample = next_paragraph_sample(model, corpus, b.num_chunks, b.chunk_size, rng,
-                                           with_teacher=bool(c.distill_weight))
+            n = 0 if c.plain_fraction and rng.random() < c.plain_fraction else b.num_chunks
+            sample = next_paragraph_sample(model, corpus, n, b.chunk_size, rng, with_teacher=bool(c.distill_weight))
             (paragraphs if c.distill_weight else batch).append(sample)
     return {"reconstruction": batch, "paragraph": paragraphs} if c.distill_weight else batch
 

@@ -249,6 +249,26 @@ def test_cpt_mixes_in_reconstruction_samples(tiny_cfg, base_ckpt):
             assert sample.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == n
 
 
+def test_cpt_plain_samples_have_no_context(tiny_cfg, base_ckpt):
+    import dataclasses
+
+    from refrag_train import cpt
+
+    o = tiny_cfg.cpt.continuation_tokens
+    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, reconstruction_fraction=0.0,
+                                                                  plain_fraction=0.5))
+    model = _model(cfg, base_ckpt)
+    steps = cpt.plan(model)
+    batch = [s for step in range(3) for s in cpt.make_batch(model, _corpus(model), steps, step)]
+    plain = [s for s in batch if "multi_modal_data" not in s.prompt]
+    assert 0 < len(plain) < len(batch)
+    for sample in plain:  # BOS, then the o tokens to predict
+        assert sample.num_targets == o == len(sample.prompt["prompt_token_ids"]) - 1
+    for sample in batch:
+        if "multi_modal_data" in sample.prompt:  # the others keep their compressed context
+            assert sample.num_targets == o < len(sample.prompt["prompt_token_ids"]) - 1
+
+
 def test_reading_batch_ends_with_its_share_of_recall_samples(tiny_cfg, base_ckpt):
     import dataclasses
 
