@@ -4,10 +4,11 @@ The curriculum grows s = n*k as in reconstruction.  A share (``mixed_fraction``)
 the samples keep a random fraction p of their chunks as raw tokens, so the model
 learns mixed inputs (the paper's p = 0.1 stage before RL); another share
 (``reconstruction_fraction``) are reconstruction samples, so the chunk vectors'
-content stays readable while the decoder adapts, and a share of the next-paragraph samples
-(``plain_fraction``) have no context, so the decoder keeps its plain language modelling.  With ``distill_weight``, the
-next-paragraph samples learn the base decoder's next-token distributions after the
-same context as raw tokens (KL), instead of the corpus's one next token.  The encoder
+content stays readable while the decoder adapts, and a share of the next-paragraph
+samples (``plain_fraction``) have no context, so the decoder keeps its plain language
+modelling.  With ``distill_weight``, the next-paragraph samples learn the base
+decoder's next-token distributions after the same context as raw tokens (KL), instead
+of the corpus's one next token.  The encoder
 LoRA, the projector and (with ``train_decoder``) the decoder's LoRA learn.
 """
 

