@@ -4,7 +4,7 @@
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
     refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
     refrag-train prepare --domain fortunes --out data/fortunes  # general English, extra training prose
-    refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,cpt,policy,sft] [--mlflow]
+    refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,sequence_reading,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
     refrag-train eval    --config cpu --checkpoint checkpoints/trained --out runs/cpu/eval
     refrag-train recipe  --config cpu --run-dir runs/cpu [--ship]    # all of the above
@@ -23,7 +23,7 @@ from pathlib import Path
 from refrag_vllm.config import chunk_size_arg
 from refrag_vllm.delta import copy_delta
 
-STAGES = ("reconstruction", "reading", "cpt", "policy", "sft")
+STAGES = ("reconstruction", "reading", "sequence_reading", "cpt", "policy", "sft")
 
 
 def _config(args):
@@ -118,7 +118,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             if init is None and (final_dir / "refrag_delta.json").exists():
                 previous = final_dir
             continue
-        if name == "reading" and cfg.reading.steps == 0:
+        if name in ("reading", "sequence_reading") and getattr(cfg, name).steps == 0:
             continue
         if (final_dir / "refrag_delta.json").exists():
             print(f"[{name}] already finished: {final_dir}")
@@ -129,8 +129,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
         corpus = corpus_for(name) if name != "sft" or cfg.sft.replay_batch_size else None
         if name == "reconstruction":
             final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
-        elif name == "reading":
-            final = train_reading(model, corpus, run_dir, use_mlflow=use_mlflow)
+        elif name in ("reading", "sequence_reading"):
+            final = train_reading(model, corpus, run_dir, name=name, use_mlflow=use_mlflow)
         elif name == "cpt":
             final = train_cpt(model, corpus, run_dir, use_mlflow=use_mlflow)
         elif name == "policy":

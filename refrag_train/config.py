@@ -114,7 +114,7 @@ class DataConfig:
     """More prepared folders whose ``train.jsonl`` joins the training corpus (windows are drawn
     in proportion to tokens); evaluation and SFT's QA stay on ``dir``."""
     extra_train_stages: list[str] = field(
-        default_factory=lambda: ["reconstruction", "reading", "cpt", "policy", "sft"])
+        default_factory=lambda: ["reconstruction", "reading", "sequence_reading", "cpt", "policy", "sft"])
     """The stages whose corpus holds ``extra_train``; the others draw from ``dir`` only (SFT's
     corpus is its replay samples')."""
 
@@ -138,7 +138,8 @@ class ReconstructionConfig:
 
 @dataclass
 class ReadingConfig:
-    """Stage 1b: 1 x k reconstruction again, the decoder's LoRA learning to read the vectors."""
+    """Stages 1b and 1c: reconstruction again (1 x k, or ``num_chunks`` x k), the decoder's LoRA
+    learning to read the vectors."""
 
     steps: int = 0
     """0 skips the stage (the paper's recipe: the decoder first learns in CPT)."""
@@ -291,6 +292,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     reading: ReadingConfig = field(default_factory=ReadingConfig)
+    sequence_reading: ReadingConfig = field(default_factory=ReadingConfig)
+    """Stage 1c: reading again, on ``num_chunks`` > 1 x k samples (0 steps: skipped)."""
     cpt: CPTConfig = field(default_factory=CPTConfig)
     policy_rl: PolicyRLConfig = field(default_factory=PolicyRLConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

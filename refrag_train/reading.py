@@ -13,6 +13,10 @@ A share of each batch (``reading.recall_fraction``) can be recall samples
 from all n vectors after a few cue tokens, so the decoder learns to find the vector that
 matches the text it is reading among many. The content probe (``refrag_train/ABLATIONS.md``)
 measures what each buys. ``reading.steps = 0`` skips the stage.
+
+A second stage of the same kind, ``sequence_reading`` (its own ``[sequence_reading]`` table,
+0 steps by default), follows it on n x k samples (``num_chunks`` > 1): the decoder learns to read
+a sequence of vectors in order, as Table 1's 16 chunks and a RAG prompt's passages are, not one.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from .samples import TokenCorpus, recall_sample
 from .trainer import Stage, nll_loss, step_rng
 
 NAME = "reading"
+SEQUENCE_NAME = "sequence_reading"
 
 
-def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int):
-    """``batch_size`` samples: windows of ``num_chunks x k`` tokens (k: the run's default) to
-    reconstruct, then ``round(recall_fraction * batch_size)`` recall samples."""
-    c, k = model.cfg.reading, model.cfg.run.default_chunk_size
-    rng = step_rng(model.cfg.run.seed + c.seed, NAME, step)
+def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int, name: str = NAME):
+    """Stage ``name``'s (its config: ``model.cfg.<name>``) ``batch_size`` samples: windows of
+    ``num_chunks x k`` tokens (k: the run's default) to reconstruct, then
+    ``round(recall_fraction * batch_size)`` recall samples."""
+    c, k = getattr(model.cfg, name), model.cfg.run.default_chunk_size
+    rng = step_rng(model.cfg.run.seed + c.seed, name, step)
     num_recall = round(c.recall_fraction * c.batch_size)
     batch = reconstruction_batch(model, corpus, rng, c.num_chunks, k, c.batch_size - num_recall)
     for _ in range(num_recall):
@@ -41,12 +47,14 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int):
     return batch
 
 
-def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
-    c = model.cfg.reading
+def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, name: str = NAME,
+                  use_mlflow: bool = False) -> Path:
+    """Stage ``name`` (``reading`` or ``sequence_reading``), into ``run_dir/<name>/``."""
+    c = getattr(model.cfg, name)
     groups = ["projector", DECODER_LORA] + ([ENCODER_LORA] if c.train_encoder else [])
-    stage = Stage(NAME, run_dir, model, groups, c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
+    stage = Stage(name, run_dir, model, groups, c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
     for step in stage.steps():
-        loss = nll_loss(model.refrag, make_batch(model, corpus, step))
+        loss = nll_loss(model.refrag, make_batch(model, corpus, step, name))
         stage.log(step, loss=loss.item(), **stage.update(step, loss))
         stage.checkpoint(step)
     return stage.finish()

@@ -287,6 +287,28 @@ def test_reading_batch_ends_with_its_share_of_recall_samples(tiny_cfg, base_ckpt
         assert s.num_targets == k - 1
 
 
+def test_sequence_reading_reads_windows_of_several_chunks(tiny_cfg, base_ckpt, tmp_path):
+    """``sequence_reading``: the reading stage again, from its own table: n x k windows to
+    reconstruct, drawn from its own seed, into its own folder."""
+    import dataclasses
+
+    from refrag_train import reading
+    from refrag_vllm.delta import read_delta_meta
+
+    sequence = dataclasses.replace(tiny_cfg.reading, num_chunks=2, batch_size=2, steps=2)
+    model = _model(dataclasses.replace(tiny_cfg, sequence_reading=sequence), base_ckpt)
+    corpus = _corpus(model)
+    batch = reading.make_batch(model, corpus, 0, reading.SEQUENCE_NAME)
+    k = tiny_cfg.run.default_chunk_size
+    assert len(batch) == 2 and all(s.num_targets == 2 * k for s in batch)
+    assert all(s.prompt["multi_modal_data"]["refrag_chunk"][0].num_chunks == 2 for s in batch)
+    single = reading.make_batch(model, corpus, 0)
+    assert all(s.num_targets == k for s in single)  # ``reading`` keeps its own table
+    final = reading.train_reading(model, corpus, tmp_path, name=reading.SEQUENCE_NAME)
+    assert final == tmp_path / "sequence_reading" / "final" and read_delta_meta(final)["stage"] == "sequence_reading"
+    assert len((tmp_path / "sequence_reading" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("stage", ["reconstruction", "reading", "cpt", "sft"])
 def test_stage_runs_and_loss_goes_down_on_a_fixed_batch(stage, tiny_cfg, base_ckpt, tmp_path):
     from refrag_train import cpt, reading, reconstruction, sft
@@ -810,11 +832,13 @@ def test_stage_weights_resume_the_cpu_recipe():
     runs = sorted(p for p in root.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["cpu-policy", "cpu-reading"]
     model = TrainingModel(load_config("cpu"))
+    # cpu-policy is the recipe before its sequence-reading stage (the SFT arms' start, ABLATIONS.md)
+    recipe = [s for s in STAGES if s != "sequence_reading"]
     for run in runs:
         final = latest_delta(run)
         stage = final.parent.name
         assert read_delta_meta(final)["stage"] == stage and run.name == f"cpu-{stage}"
-        assert all((run / s / "metrics.jsonl").exists() for s in STAGES[: STAGES.index(stage) + 1])
+        assert all((run / s / "metrics.jsonl").exists() for s in recipe[: recipe.index(stage) + 1])
         model.load_delta_weights(final)
         assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     _assert_no_machine_paths(root)
