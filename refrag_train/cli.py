@@ -78,7 +78,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
     from .data import read_jsonl
     from .model import TrainingModel
     from .policy_rl import train_policy
-    from .reading import train_reading
+    from .reading import STAGE_NAMES as READING_STAGES, train_reading
     from .reconstruction import train_reconstruction
     from .samples import TokenCorpus
     from .sft import train_sft
@@ -118,7 +118,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
             if init is None and (final_dir / "refrag_delta.json").exists():
                 previous = final_dir
             continue
-        if name in ("reading", "sequence_reading") and getattr(cfg, name).steps == 0:
+        if name in READING_STAGES and getattr(cfg, name).steps == 0:
             continue
         if (final_dir / "refrag_delta.json").exists():
             print(f"[{name}] already finished: {final_dir}")
@@ -129,7 +129,7 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
         corpus = corpus_for(name) if name != "sft" or cfg.sft.replay_batch_size else None
         if name == "reconstruction":
             final = train_reconstruction(model, corpus, run_dir, use_mlflow=use_mlflow)
-        elif name in ("reading", "sequence_reading"):
+        elif name in READING_STAGES:
             final = train_reading(model, corpus, run_dir, name=name, use_mlflow=use_mlflow)
         elif name == "cpt":
             final = train_cpt(model, corpus, run_dir, use_mlflow=use_mlflow)

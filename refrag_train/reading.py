@@ -30,6 +30,8 @@ from .trainer import Stage, nll_loss, step_rng
 
 NAME = "reading"
 SEQUENCE_NAME = "sequence_reading"
+STAGE_NAMES = (NAME, SEQUENCE_NAME)
+"""The stages this module trains, each from its own ``ReadingConfig`` table."""
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, step: int, name: str = NAME):
