@@ -23,7 +23,7 @@ from pathlib import Path
 from refrag_vllm.config import chunk_size_arg
 from refrag_vllm.delta import copy_delta
 
-STAGES = ("reconstruction", "reading", "sequence_reading", "cpt", "policy", "sft")
+from .config import STAGES
 
 
 def _config(args):

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+STAGES = ("reconstruction", "reading", "sequence_reading", "cpt", "policy", "sft")
+"""The training stages, in the order a recipe runs them; each has its own table."""
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -113,8 +116,7 @@ class DataConfig:
     extra_train: list[str] = field(default_factory=list)
     """More prepared folders whose ``train.jsonl`` joins the training corpus (windows are drawn
     in proportion to tokens); evaluation and SFT's QA stay on ``dir``."""
-    extra_train_stages: list[str] = field(
-        default_factory=lambda: ["reconstruction", "reading", "sequence_reading", "cpt", "policy", "sft"])
+    extra_train_stages: list[str] = field(default_factory=lambda: list(STAGES))
     """The stages whose corpus holds ``extra_train``; the others draw from ``dir`` only (SFT's
     corpus is its replay samples')."""
 

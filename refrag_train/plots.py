@@ -10,7 +10,7 @@ def plot_training(run_dir: str | Path, out_png: str | Path, stages=None) -> Path
     """``stages``: the panels, in order (default: every stage of the recipe)."""
     import matplotlib
 
-    from .cli import STAGES
+    from .config import STAGES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
