@@ -185,6 +185,9 @@ class CPTConfig:
     """o: tokens predicted after the compressed context."""
     train_decoder: bool = True
     """Train the decoder's LoRA (else only encoder LoRA + projector)."""
+    decoder_lr_scale: float = 1.0
+    """The decoder's LoRA learns at this share of ``lr`` (the projector and the encoder's
+    LoRA at ``lr`` itself)."""
     mixed_fraction: float = 0.5
     """Share of samples with some chunks left expanded (the mixed-input stage)."""
     expand_fraction: float = 0.1

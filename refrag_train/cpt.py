@@ -81,7 +81,8 @@ def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_m
     steps = plan(model)
     groups = (["projector"] + ([DECODER_LORA] if c.train_decoder else [])
               + ([ENCODER_LORA] if c.train_encoder else []))
-    stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup, use_mlflow=use_mlflow)
+    stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup,
+                  lr_scales={DECODER_LORA: c.decoder_lr_scale}, use_mlflow=use_mlflow)
     teacher = model.frozen_copy(None).refrag if c.distill_weight else None  # the base decoder
     for step in stage.steps():
         batch = make_batch(model, corpus, steps, step)

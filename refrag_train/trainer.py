@@ -99,7 +99,9 @@ class Stage:
     """One training stage's loop state: trainable groups, AdamW, schedule, resume."""
 
     def __init__(self, name: str, run_dir: Path, model: TrainingModel, groups: list[str], total_steps: int,
-                 peak_lr: float, warmup: float, *, use_mlflow: bool = False) -> None:
+                 peak_lr: float, warmup: float, *, lr_scales: dict[str, float] | None = None,
+                 use_mlflow: bool = False) -> None:
+        """``lr_scales``: a group's learning rate as a share of the schedule's (default 1)."""
         self.name, self.model, self.total_steps = name, model, total_steps
         self.peak_lr, self.warmup = peak_lr, warmup
         self.dir = run_dir / name
@@ -108,7 +110,10 @@ class Stage:
         self.params = model.trainable(groups)
         if not self.params:
             raise ValueError(f"stage {name}: nothing to train in groups {groups}")
-        self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        named = model.named_groups()
+        param_groups = [{"params": [p for _, p in named[g]], "lr_scale": (lr_scales or {}).get(g, 1.0)}
+                        for g in groups if named.get(g)]
+        self.optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.step = 0
         self._clock, self._elapsed_before = time.monotonic(), 0.0
         self.log_file = MetricsLog(self.dir / "metrics.jsonl", use_mlflow=use_mlflow,
@@ -165,11 +170,12 @@ class Stage:
                 self._bar.update(1)
 
     def update(self, step: int, loss: torch.Tensor, max_norm: float = 1.0) -> dict[str, float]:
-        """One optimiser step on ``loss`` at step ``step``'s learning rate: backward, clip the
-        gradient norm to ``max_norm``, AdamW. Returns ``{"lr", "grad_norm"}`` for the log."""
+        """One optimiser step on ``loss`` at step ``step``'s learning rate (times each group's
+        ``lr_scale``): backward, clip the gradient norm to ``max_norm``, AdamW. Returns
+        ``{"lr", "grad_norm"}`` for the log."""
         lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()

@@ -962,3 +962,19 @@ def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
         compare(run, other)
     with pytest.raises(SystemExit, match="share no"):
         main([str(run), str(tmp_path / "missing")])
+
+
+def test_cpt_decoder_lr_scale_sets_the_decoder_loras_share_of_the_lr(tiny_cfg, base_ckpt, tmp_path):
+    """``cpt.decoder_lr_scale = 0``: the projector learns, the decoder's LoRA does not move."""
+    import dataclasses
+
+    from refrag_train import cpt
+
+    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, train_decoder=True, decoder_lr_scale=0.0))
+    model = _model(cfg, base_ckpt)
+    groups = model.named_groups()
+    before = {g: [p.detach().clone() for _, p in groups[g]] for g in ("decoder", "projector")}
+    cpt.train_cpt(model, _corpus(model), tmp_path)
+    groups = model.named_groups()
+    assert before["decoder"] and all(torch.equal(a, p) for a, (_, p) in zip(before["decoder"], groups["decoder"]))
+    assert any(not torch.equal(a, p) for a, (_, p) in zip(before["projector"], groups["projector"]))
