@@ -58,6 +58,11 @@ class RunConfig:
     """k written to the exported checkpoint's config."""
     encoder_max_tokens: int = 64
     """The encoder's input length: a chunk's text is cut to this many encoder tokens."""
+    encoder_pooling: str = ""
+    """How the encoder's token states become one chunk vector: ``mean``, ``cls``, or ``eos``
+    (an end-of-sequence token appended after the chunk; ``decoder-layers:N`` only; see
+    ``refrag_vllm.config.POOLINGS``); empty: ``mean``, or a base checkpoint's own. The delta
+    records it."""
     bos_first: bool = True
     """Start every reconstruction, CPT and policy sample with the tokenizer's BOS, so the
     first chunk vector is not at position 0, the decoder's attention sink."""

@@ -57,7 +57,10 @@ def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
             projector_output_norm=cfg.run.projector_output_norm or None,
         )
     # the RAG layout SFT trains on is the one the exported checkpoint builds prompts with
-    set_refrag_config(model, dataclasses.replace(model.refrag_config, question_first=cfg.run.question_first))
+    pooling = cfg.run.encoder_pooling or model.refrag_config.encoder_pooling
+    model.chunk_encoder.set_pooling(pooling)
+    set_refrag_config(model, dataclasses.replace(model.refrag_config, question_first=cfg.run.question_first,
+                                                 encoder_pooling=pooling))
     return model, tokenizer
 
 
@@ -154,6 +157,7 @@ class TrainingModel:
             "expansion_policy": vars(self.policy_config) if with_policy else None,
             "chunk_sizes_trained": self.cfg.run.chunk_sizes,
             "encoder": self.cfg.run.encoder or None,
+            "encoder_pooling": self.refrag.refrag_config.encoder_pooling,
             "projector": dataclasses.asdict(self.refrag.refrag_config.projector),
             "question_first": self.cfg.run.question_first,
             **(meta or {}),

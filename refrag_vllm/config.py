@@ -61,6 +61,23 @@ class ProjectorConfig:
     token-embedding norm), so a chunk position enters the decoder at a token's scale."""
 
 
+DECODER_STACK_TYPES = ("llama",)
+"""Encoder model types that are decoder stacks (causal, no pooler)."""
+
+POOLINGS = ("mean", "cls", "eos")
+"""How token states become one chunk vector: the masked mean, the first token's state (BERT's
+[CLS]), or the state of an end-of-sequence token appended after the chunk (decoder stacks only:
+causal, it reads the whole chunk in order, as the memory tokens of ICAE and PISCO do)."""
+
+
+def eos_token_id(encoder_config: dict) -> int | None:
+    """The encoder config's end-of-sequence id (its first, if it lists several), or None."""
+    eos = encoder_config.get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Selective-expansion policy: a small transformer over chunk embeddings."""
@@ -81,7 +98,8 @@ class RefragConfig:
     """The encoder's Hugging Face config (BERT / RoBERTa ...), as a dict."""
     projector: ProjectorConfig
     encoder_pooling: str = "mean"
-    """How token states become one chunk vector: ``mean`` (masked) or ``cls``."""
+    """How token states become one chunk vector: ``mean`` (masked), ``cls`` or ``eos``
+    (:data:`POOLINGS`)."""
     encoder_max_tokens: int = 128
     """Encoder tokens kept per chunk (a k-token chunk is re-tokenized for the encoder)."""
     max_chunks_per_item: int = 256
@@ -151,9 +169,14 @@ def validate_against_decoder(cfg: RefragConfig, decoder_config: Any) -> None:
         )
     if cfg.chunk_size < 1:
         raise CheckpointMismatchError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-    if cfg.encoder_pooling not in ("mean", "cls"):
+    if cfg.encoder_pooling not in POOLINGS:
         raise CheckpointMismatchError(
-            f"encoder_pooling must be 'mean' or 'cls', got {cfg.encoder_pooling!r}"
+            f"encoder_pooling must be one of {POOLINGS}, got {cfg.encoder_pooling!r}"
+        )
+    if cfg.encoder_pooling == "eos" and (cfg.encoder.get("model_type") not in DECODER_STACK_TYPES
+                                         or eos_token_id(cfg.encoder) is None):
+        raise CheckpointMismatchError(
+            "encoder_pooling 'eos' needs a decoder-stack encoder (decoder-layers:N) with an eos_token_id"
         )
     enc_max_pos = int(cfg.encoder.get("max_position_embeddings", 10**9))
     if cfg.encoder_max_tokens > enc_max_pos:

@@ -104,8 +104,8 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
 
     The projector (built as the delta's ``projector`` config says, if it gives one) and
     the policy are replaced, LoRA is merged into the decoder and encoder weights, and the
-    ``refrag`` config records the delta's chunk size (or ``chunk_size``), projector,
-    policy shape and RAG layout (``question_first``).
+    ``refrag`` config records the delta's chunk size (or ``chunk_size``), projector, encoder
+    pooling, policy shape and RAG layout (``question_first``).
     """
     delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
@@ -135,9 +135,12 @@ def apply_delta(model, delta_dir: str | Path, *, chunk_size: int | None = None):
 
         cfg = dataclasses.replace(cfg, projector=ProjectorConfig(**meta["projector"]))
         model.projector = ChunkProjector(cfg.projector)
+    pooling = meta.get("encoder_pooling", cfg.encoder_pooling)
+    model.chunk_encoder.set_pooling(pooling)  # no weights: only how the chunk is read
     cfg = dataclasses.replace(
         cfg,
         chunk_size=chunk_size,
+        encoder_pooling=pooling,
         expansion_policy=policy_cfg,
         projector_initialised="trained",
         question_first=bool(meta.get("question_first", False)),

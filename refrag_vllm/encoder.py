@@ -16,9 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-DECODER_STACK_TYPES = ("llama",)
-"""Encoder model types that are decoder stacks (causal, no pooler)."""
+from .config import DECODER_STACK_TYPES, POOLINGS, eos_token_id
 
 
 def build_encoder_model(encoder_config: dict) -> nn.Module:
@@ -45,6 +43,7 @@ def tokenize_chunks(
     enc = encoder_tokenizer(
         list(texts),
         padding="longest",
+        padding_side="right",  # ChunkEncoder trims buckets and places eos pooling's token so
         truncation=True,
         max_length=max_tokens,
         return_tensors="pt",
@@ -65,13 +64,33 @@ class ChunkEncoder(nn.Module):
     def __init__(self, encoder_config: dict, pooling: str = "mean", bucket_size: int = 32) -> None:
         super().__init__()
         self.model = build_encoder_model(encoder_config)
-        self.pooling = pooling
+        self.model_type = encoder_config.get("model_type")
+        self.eos_id = eos_token_id(encoder_config)
+        self.set_pooling(pooling)
         self.bucket_size = bucket_size
 
+    def set_pooling(self, pooling: str) -> None:
+        """One of :data:`~refrag_vllm.config.POOLINGS`; ``eos`` needs a decoder stack with an EOS id."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"encoder pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling == "eos" and (self.model_type not in DECODER_STACK_TYPES or self.eos_id is None):
+            raise ValueError(f"eos pooling needs a decoder-stack encoder ({DECODER_STACK_TYPES}) with an "
+                             f"eos_token_id; this one is {self.model_type!r} (eos {self.eos_id})")
+        self.pooling = pooling
+
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "eos":  # right-padded: each chunk's EOS goes where its padding starts
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            ends = attention_mask.sum(1)  # (n,)
+            input_ids = torch.cat([input_ids, input_ids.new_zeros((len(rows), 1))], 1)  # (n, L + 1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros((len(rows), 1))], 1)
+            input_ids[rows, ends] = self.eos_id
+            attention_mask[rows, ends] = 1
         token_states = self.model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state  # (n, L, H_enc)
+        if self.pooling == "eos":
+            return token_states[rows, ends]
         if self.pooling == "cls":
             return token_states[:, 0]
         mask = attention_mask.unsqueeze(-1).to(token_states.dtype)  # (n, L, 1)

@@ -1,8 +1,10 @@
 """The decoder-stack encoder (``decoder-layers:N``): the decoder's own first layers as the
 chunk encoder, served by vLLM with the same parity as the BERT encoder.  Its projector
 standardizes its inputs (``ProjectorConfig.standardize_inputs``), with random statistics,
-and scales its outputs to the token embeddings' norm (``output_norm``), so the parity tests
-also cover both options and show vLLM loads the statistics.
+and scales its outputs to the token embeddings' norm (``output_norm``), and it pools each
+chunk at an end-of-sequence token appended after it (``encoder_pooling = "eos"``; the BERT
+modules cover ``mean``), so the parity tests also cover these options and show vLLM loads
+the statistics.
 
 One engine for the module (prefix caching on, chunked prefill in small steps)."""
 
@@ -20,7 +22,7 @@ def stack_ckpt(tmp_path_factory):
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-stack", k=16, max_positions=8192,
                                 encoder="decoder-layers:1", standardize_projector_inputs=True,
-                                projector_output_norm="tokens")
+                                projector_output_norm="tokens", encoder_pooling="eos")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,57 @@ def test_encoder_is_the_decoders_first_layers(stack_models):
     # A separate copy: training the encoder leaves the decoder's layers as they are.
     assert (stack_reference.chunk_encoder.model.layers[0].self_attn.q_proj.weight.data_ptr()
             != stack_reference.model.layers[0].self_attn.q_proj.weight.data_ptr())
+
+
+def test_eos_pooling_reads_an_end_token_appended_after_each_chunk(stack_models):
+    """``eos`` pooling: a chunk's vector is the encoder's state at an EOS placed right after the
+    chunk's own tokens, whatever the padding around it and the bucket it is encoded in."""
+    from refrag_vllm.encoder import ChunkEncoder, tokenize_chunks
+
+    stack_reference, _ = stack_models
+    encoder = stack_reference.chunk_encoder
+    assert stack_reference.refrag_config.encoder_pooling == "eos" and encoder.pooling == "eos"
+    texts = [PASSAGES[0][: 7 * (i + 1)] for i in range(5)]  # five lengths: padding in every batch
+    ids, mask = tokenize_chunks(stack_reference.encoder_tokenizer, texts, 64)
+    eos = stack_reference.refrag_config.encoder["eos_token_id"]
+    with torch.no_grad():
+        one_batch = encoder(ids, mask)
+        encoder.bucket_size = 2  # sorted into buckets of two, put back in order
+        try:
+            bucketed = encoder(ids, mask)
+        finally:
+            encoder.bucket_size = 32
+        for i, n in enumerate(mask.sum(1).tolist()):
+            alone = torch.cat([ids[i, :n], torch.tensor([eos])])[None]
+            expected = encoder.model(input_ids=alone).last_hidden_state[0, -1]
+            torch.testing.assert_close(one_batch[i], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(bucketed[i], expected, rtol=1e-5, atol=1e-5)
+    bert = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "vocab_size": 100}
+    with pytest.raises(ValueError, match="eos pooling needs a decoder-stack encoder"):
+        ChunkEncoder(bert, "eos")
+    with pytest.raises(ValueError, match="encoder pooling must be one of"):
+        ChunkEncoder(bert, "max")
+
+
+def test_training_records_the_pooling_and_export_serves_it(stack_ckpt, tmp_path):
+    """``run.encoder_pooling`` sets how the trained model reads its chunks; the delta records it
+    and ``apply_delta`` gives the exported checkpoint the same."""
+    import dataclasses
+
+    from refrag_train.config import load_config
+    from refrag_train.model import TrainingModel
+    from refrag_vllm.delta import apply_delta, read_delta_meta
+    from refrag_vllm.reference import RefragReferenceModel
+
+    cfg = load_config("tiny")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, encoder_pooling="mean"))
+    model = TrainingModel(cfg, stack_ckpt)  # the base checkpoint pools at eos; the run says mean
+    assert model.refrag.refrag_config.encoder_pooling == "mean" and model.refrag.chunk_encoder.pooling == "mean"
+    delta = model.save_delta(tmp_path / "delta")
+    assert read_delta_meta(delta)["encoder_pooling"] == "mean"
+    served = apply_delta(RefragReferenceModel.load(stack_ckpt, dtype=torch.float32), delta)
+    assert served.refrag_config.encoder_pooling == "mean" and served.chunk_encoder.pooling == "mean"
 
 
 def test_projector_standardizes_with_its_checkpoint_statistics(stack_models):

@@ -66,11 +66,11 @@ def make_encoder_tokenizer():
 
 def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_positions: int = 4096,
                          encoder: str = "bert", standardize_projector_inputs: bool = False,
-                         projector_output_norm=None) -> Path:
+                         projector_output_norm=None, encoder_pooling: str = "mean") -> Path:
     """A random tiny REFRAG checkpoint: Llama (hidden 64, head_dim 32) + BERT (hidden 32),
     or with ``encoder="decoder-layers:N"`` the decoder's own first N layers as the encoder.
     ``standardize_projector_inputs`` gives the projector random (non-trivial) input statistics;
-    ``projector_output_norm`` is passed on (see ``assemble_model``)."""
+    ``projector_output_norm`` and ``encoder_pooling`` are passed on (see ``assemble_model``)."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from refrag_vllm.checkpoint import assemble_checkpoint
@@ -97,6 +97,7 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
         return assemble_checkpoint(
             out_dir, decoder, dec_tok, stack, stack_tok, chunk_size=k, max_chunks_per_item=64,
             dtype=torch.float32, seed=seed, weights=stats, projector_output_norm=projector_output_norm,
+            encoder_pooling=encoder_pooling,
         )
     enc_cfg = BertConfig(
         vocab_size=len(enc_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -107,7 +108,7 @@ def make_tiny_checkpoint(out_dir: str | Path, *, k: int = 4, seed: int = 0, max_
         out_dir, decoder, dec_tok, encoder, enc_tok, chunk_size=k, max_chunks_per_item=64,
         dtype=torch.float32, seed=seed,
         weights=_random_input_statistics(enc_cfg.hidden_size) if standardize_projector_inputs else None,
-        projector_output_norm=projector_output_norm,
+        projector_output_norm=projector_output_norm, encoder_pooling=encoder_pooling,
     )
 
 
