@@ -78,6 +78,18 @@ def eos_token_id(encoder_config: dict) -> int | None:
     return None if eos is None else int(eos)
 
 
+def check_pooling(pooling: str, encoder_config: dict) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``pooling`` is one of :data:`POOLINGS` that
+    this encoder can do (``eos``: a decoder stack with an EOS id)."""
+    if pooling not in POOLINGS:
+        raise CheckpointMismatchError(f"encoder pooling must be one of {POOLINGS}, got {pooling!r}")
+    model_type = encoder_config.get("model_type")
+    if pooling == "eos" and (model_type not in DECODER_STACK_TYPES or eos_token_id(encoder_config) is None):
+        raise CheckpointMismatchError(
+            f"eos pooling needs a decoder-stack encoder ({DECODER_STACK_TYPES}, e.g. decoder-layers:N) with an "
+            f"eos_token_id; this one is {model_type!r} (eos {eos_token_id(encoder_config)})")
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Selective-expansion policy: a small transformer over chunk embeddings."""
@@ -169,15 +181,7 @@ def validate_against_decoder(cfg: RefragConfig, decoder_config: Any) -> None:
         )
     if cfg.chunk_size < 1:
         raise CheckpointMismatchError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-    if cfg.encoder_pooling not in POOLINGS:
-        raise CheckpointMismatchError(
-            f"encoder_pooling must be one of {POOLINGS}, got {cfg.encoder_pooling!r}"
-        )
-    if cfg.encoder_pooling == "eos" and (cfg.encoder.get("model_type") not in DECODER_STACK_TYPES
-                                         or eos_token_id(cfg.encoder) is None):
-        raise CheckpointMismatchError(
-            "encoder_pooling 'eos' needs a decoder-stack encoder (decoder-layers:N) with an eos_token_id"
-        )
+    check_pooling(cfg.encoder_pooling, cfg.encoder)
     enc_max_pos = int(cfg.encoder.get("max_position_embeddings", 10**9))
     if cfg.encoder_max_tokens > enc_max_pos:
         raise CheckpointMismatchError(

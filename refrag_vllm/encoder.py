@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import DECODER_STACK_TYPES, POOLINGS, eos_token_id
+from .config import DECODER_STACK_TYPES, check_pooling, eos_token_id
 
 
 def build_encoder_model(encoder_config: dict) -> nn.Module:
@@ -64,18 +64,14 @@ class ChunkEncoder(nn.Module):
     def __init__(self, encoder_config: dict, pooling: str = "mean", bucket_size: int = 32) -> None:
         super().__init__()
         self.model = build_encoder_model(encoder_config)
-        self.model_type = encoder_config.get("model_type")
+        self.encoder_config = encoder_config
         self.eos_id = eos_token_id(encoder_config)
         self.set_pooling(pooling)
         self.bucket_size = bucket_size
 
     def set_pooling(self, pooling: str) -> None:
-        """One of :data:`~refrag_vllm.config.POOLINGS`; ``eos`` needs a decoder stack with an EOS id."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"encoder pooling must be one of {POOLINGS}, got {pooling!r}")
-        if pooling == "eos" and (self.model_type not in DECODER_STACK_TYPES or self.eos_id is None):
-            raise ValueError(f"eos pooling needs a decoder-stack encoder ({DECODER_STACK_TYPES}) with an "
-                             f"eos_token_id; this one is {self.model_type!r} (eos {self.eos_id})")
+        """One of :data:`~refrag_vllm.config.POOLINGS` (:func:`~refrag_vllm.config.check_pooling`)."""
+        check_pooling(pooling, self.encoder_config)
         self.pooling = pooling
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
