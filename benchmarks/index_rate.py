@@ -45,7 +45,8 @@ class IndexRateProfile:
     """A profile; every field is also a command-line flag."""
 
     passages: int = 256
-    """Passages indexed (real docstrings, :class:`benchmarks.workload.PassageSource`)."""
+    """Passages indexed (real docstrings, :class:`benchmarks.workload.PassageSource`); every
+    arm embeds the same ones."""
     passage_tokens: int = 256
     """Decoder tokens per passage: ``passage_tokens / k`` chunks each."""
     batch_size: int = 64
@@ -53,7 +54,7 @@ class IndexRateProfile:
     repeats: int = 2
     """Runs of each arm; the fastest counts."""
     threads: int = 2
-    """Torch threads."""
+    """Torch threads (``torch.set_num_threads``) of every arm."""
 
 
 PROFILES = {"default": IndexRateProfile(),

@@ -228,7 +228,8 @@ class PolicyRLConfig:
     group_size: int = 8
     """G: action sequences sampled per input."""
     clip_eps: float = 0.2
-    """PPO's clip on the probability ratio."""
+    """PPO's clip on the probability ratio: a sampled action's new / old probability is
+    kept within ``1 ± clip_eps``."""
     ppo_epochs: int = 2
     """PPO steps on each group of samples."""
     expand_fraction: float = 0.1
@@ -244,7 +245,8 @@ class SFTConfig:
     """Stage 4: question + compressed passages -> answer, with CPT samples replayed."""
 
     lr: float = 2e-5
-    """Peak learning rate (the paper's SFT: 2e-5)."""
+    """Peak learning rate (linear warm-up, cosine decay). The paper's SFT: 2e-5; the CPU
+    recipe's 5e-4 lets the answers use the passages (``ABLATIONS.md``, "the SFT learning rate")."""
     warmup: float = 0.04
     """Share of the steps spent warming up linearly."""
     steps: int = 100
