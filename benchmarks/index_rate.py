@@ -1,7 +1,7 @@
 """How fast the index is built, against the encoder + projector alone on the same chunks.
 
     python -m benchmarks.index_rate --model CKPT --out benchmarks/results/cpu/index \
-        [--summary benchmarks/results/cpu/results.json] [--quick]
+        [--summary benchmarks/results/cpu/results.json] [--qa FILE ...] [--quick]
 
 Both arms run in this one process, over the same real passages (docstrings,
 :class:`benchmarks.workload.PassageSource`), with their models loaded before the clock
@@ -13,10 +13,16 @@ starts and one untimed index batch first:
 * ``encoder + projector``: :meth:`ChunkEmbedder.embed` alone over the same chunk texts, as
   many chunks per call as one index batch holds;
 * ``retriever``: the retriever's passage embeddings alone, in the same batches (the index's
-  other model: what it costs beyond the encoder + projector), in its default bfloat16 and in
-  float32, with the cosine between the two dtypes' embeddings.
+  other model: what it costs beyond the encoder + projector), as the index runs it (bfloat16,
+  :data:`~refrag_vllm.retrieval.index.RETRIEVER_MAX_TOKENS` word pieces), reading 256 word
+  pieces (sentence-transformers' default for the model), and in float32, with the cosine between
+  the two dtypes' embeddings.
 
-Each arm runs ``repeats`` times and keeps its fastest. ``index_vs_encoder_rate`` is the
+``--qa FILE ...`` (QA jsonl files whose rows name their answer's passage, ``passages[gold]``,
+as ``refrag-train prepare`` writes them) adds what the retriever's two lengths find: per file,
+every question against all the file's distinct passages, hit@1 and hit@3 of the answer's passage.
+
+The arms run in turn, ``repeats`` rounds, and each keeps its fastest. ``index_vs_encoder_rate`` is the
 index's chunks/s over the encoder + projector's (``--summary FILE`` merges it into FILE's
 ``summary``); ``index_vs_encoder_and_retriever_rate`` counts both models' time, so what is
 left is the index's own work (chunking, writing). Writes ``index_rate.json`` and ``index_rate.md`` to ``--out``.
@@ -51,27 +57,47 @@ class IndexRateProfile:
     """Decoder tokens per passage: ``passage_tokens / k`` chunks each."""
     batch_size: int = 64
     """Passages per index batch (``refrag-vllm index --batch-size``'s default)."""
-    repeats: int = 2
-    """Runs of each arm; the fastest counts."""
+    repeats: int = 3
+    """Rounds of all arms in turn; each arm's fastest counts."""
     threads: int = 2
     """Torch threads (``torch.set_num_threads``) of every arm."""
+    long_tokens: int = 256
+    """The retriever's other length, timed and scored beside the index's."""
 
 
 PROFILES = {"default": IndexRateProfile(),
             "quick": IndexRateProfile(passages=24, passage_tokens=64, batch_size=8, repeats=1)}
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    times = []
+def best_seconds(arms: dict, repeats: int) -> dict:
+    """``{name: fastest seconds}`` of each ``arms[name]()``, in ``repeats`` rounds that run every
+    arm once in turn, so that a machine whose speed drifts slows all arms alike."""
+    best = {name: float("inf") for name in arms}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def retrieval_hits(retriever, qa_file: str | Path, ks: tuple[int, ...] = (1, 3)) -> dict:
+    """hit@k of each question's answer passage (``passages[gold]``) among all of ``qa_file``'s
+    distinct passages: ``{"questions", "passages", "hit@1", "hit@3"}``."""
+    rows = [json.loads(line) for line in Path(qa_file).read_text().splitlines() if line.strip()]
+    if not rows or any("gold" not in r for r in rows):
+        raise ValueError(f"{qa_file}: every row must name its answer's passage (\"gold\")")
+    pool = sorted({p for r in rows for p in r["passages"]})
+    row_of = {p: i for i, p in enumerate(pool)}
+    gold = np.array([row_of[r["passages"][r["gold"]]] for r in rows])
+    scores = retriever.embed([r["question"] for r in rows]) @ retriever.embed(pool).T  # (questions, passages)
+    ranked = np.argsort(-scores, axis=1)
+    return {"questions": len(rows), "passages": len(pool),
+            **{f"hit@{k}": float((ranked[:, :k] == gold[:, None]).any(1).mean()) for k in ks}}
 
 
 @torch.no_grad()
-def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print) -> dict:
+def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print, qa_files=()) -> dict:
     from refrag_vllm.retrieval.index import (CacheProjector, IndexWriter, PassageIndex, PassageRecord, Retriever,
                                              add_passages, batches, cache_identity, content_id)
 
@@ -91,7 +117,7 @@ def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print) -> dict:
 
     def build() -> None:
         shutil.rmtree(index_dir, ignore_errors=True)
-        add_passages(IndexWriter(index_dir, identity, retriever.name), records, retriever, projector,
+        add_passages(IndexWriter(index_dir, identity, retriever.spec), records, retriever, projector,
                      batch_size=cfg.batch_size, progress=False)
 
     def encode() -> None:
@@ -102,28 +128,36 @@ def measure(model_dir: str | Path, cfg: IndexRateProfile, log=print) -> dict:
         return np.concatenate([model.embed(group) for group in batches(texts, cfg.batch_size)])
 
     try:  # one untimed index batch warms up both models
-        add_passages(IndexWriter(work / "warm-up", identity, retriever.name), records[: cfg.batch_size],
+        add_passages(IndexWriter(work / "warm-up", identity, retriever.spec), records[: cfg.batch_size],
                      retriever, projector, batch_size=cfg.batch_size, progress=False)
-        index_s = _best_seconds(build, cfg.repeats)
-        encoder_s = _best_seconds(encode, cfg.repeats)
-        retriever_s = _best_seconds(lambda: retrieve(retriever), cfg.repeats)
-        # The index's retriever dtype against float32: the time, and how far the embeddings move.
-        retriever32 = Retriever(dtype="float32")
-        retriever32.embed(texts[: cfg.batch_size])
-        retriever32_s = _best_seconds(lambda: retrieve(retriever32), cfg.repeats)
+        retriever_long = Retriever(max_tokens=cfg.long_tokens)
+        retriever32 = Retriever(dtype="float32")  # the index's dtype against float32: time and embeddings
+        for model in (retriever_long, retriever32):
+            model.embed(texts[: cfg.batch_size])
+        seconds = best_seconds({"index": build, "encoder": encode, "retriever": lambda: retrieve(retriever),
+                                "retriever_long": lambda: retrieve(retriever_long),
+                                "retriever32": lambda: retrieve(retriever32)}, cfg.repeats)
+        index_s, encoder_s, retriever_s = seconds["index"], seconds["encoder"], seconds["retriever"]
+        retriever_long_s, retriever32_s = seconds["retriever_long"], seconds["retriever32"]
         cosine = (retrieve(retriever) * retrieve(retriever32)).sum(axis=1)
         index = PassageIndex.open(index_dir)
         if index.meta["num_chunk_rows"] != num_chunks:
             raise RuntimeError(f"the index holds {index.meta['num_chunk_rows']} chunks, not {num_chunks}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    hits = [{"qa": str(f), "max_tokens": model.spec["max_tokens"], **retrieval_hits(model, f)}
+            for f in qa_files for model in (retriever, retriever_long)]
+    short = retriever.spec["max_tokens"]
     rows = [{"arm": arm, "seconds": s, "passages_per_s": len(texts) / s, "chunks_per_s": num_chunks / s}
-            for arm, s in (("index", index_s), ("encoder + projector", encoder_s), ("retriever", retriever_s),
-                           ("retriever, float32", retriever32_s))]
+            for arm, s in (("index", index_s), ("encoder + projector", encoder_s),
+                           (f"retriever ({short} tokens)", retriever_s),
+                           (f"retriever, {cfg.long_tokens} tokens", retriever_long_s),
+                           (f"retriever, float32 ({short} tokens)", retriever32_s))]
     return {"model": str(model_dir), "profile": asdict(cfg), "passages": len(texts), "chunks": num_chunks,
             "k": projector.builder.k, "rows": rows, "index_vs_encoder_rate": encoder_s / index_s,
             "index_vs_encoder_and_retriever_rate": (encoder_s + retriever_s) / index_s,
             "retriever_dtype": str(retriever.model.dtype).removeprefix("torch."),
+            "retriever_max_tokens": short, "retrieval_hits": hits,
             "retriever_cosine_to_float32": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
 
 
@@ -139,6 +173,12 @@ def markdown(result: dict, command: str) -> str:
               f"and the retriever together: {result['index_vs_encoder_and_retriever_rate']:.2f})",
               f"retriever in {result['retriever_dtype']}: its passage embeddings' cosine to float32's, min "
               f"{result['retriever_cosine_to_float32']['min']:.4f}, mean {result['retriever_cosine_to_float32']['mean']:.4f}"]
+    if result["retrieval_hits"]:
+        lines += ["", "What the retriever finds at each length: every question of a QA file against all its "
+                  "distinct passages, the answer's passage in the top 1 / top 3.", ""]
+        lines += table_lines(["QA file", "questions", "passages", "word pieces read", "hit@1", "hit@3"],
+                             [(h["qa"], h["questions"], h["passages"], h["max_tokens"], f"{h['hit@1']:.3f}",
+                               f"{h['hit@3']:.3f}") for h in result["retrieval_hits"]])
     return "\n".join(lines) + "\n"
 
 
@@ -148,11 +188,13 @@ def main(argv=None) -> None:
     p = profile_parser(__doc__, "folder for index_rate.json / .md", "a few small passages (checks the harness)",
                        IndexRateProfile)
     p.add_argument("--summary", help="a results.json whose summary gains index_vs_encoder_rate")
+    p.add_argument("--qa", nargs="*", default=[], metavar="FILE",
+                   help="QA jsonl files (rows with passages and gold): the retriever's hit@k at both lengths")
     args, cfg = parse_profile(p, argv, PROFILES)
     torch.set_num_threads(cfg.threads)
     out = Path(args.out)
     log = run_log(out)
-    result = measure(args.model, cfg, log)
+    result = measure(args.model, cfg, log, args.qa)
     command = "python -m benchmarks.index_rate " + " ".join(sys.argv[1:] if argv is None else argv)
     result["command"] = command
     (out / "index_rate.json").write_text(json.dumps(result, indent=2) + "\n")

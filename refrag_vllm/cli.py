@@ -12,6 +12,7 @@ from .config import chunk_size_arg
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
 from .middleware import SIZE_LIMIT_MIDDLEWARE
 from .modes import REFRAG_CACHED
+from .retrieval.index import RETRIEVER_MAX_TOKENS
 from .retrieval.rag import MODES as RAG_MODES
 
 def cmd_positions(args) -> None:
@@ -116,10 +117,11 @@ def cmd_index(args) -> None:
     if args.ray:
         from .retrieval.ray_index import build_index_ray
 
-        index = build_index_ray(args.corpus, args.out, model, batch_size=args.batch_size,
-                                num_workers=args.workers, address=args.ray_address)
+        index = build_index_ray(args.corpus, args.out, model, retriever_max_tokens=args.retriever_max_tokens,
+                                batch_size=args.batch_size, num_workers=args.workers, address=args.ray_address)
     else:
-        index = build_index(args.corpus, args.out, model, batch_size=args.batch_size)
+        index = build_index(args.corpus, args.out, model, retriever_max_tokens=args.retriever_max_tokens,
+                            batch_size=args.batch_size)
     print(f"{args.out}: {len(index)} passages, {index.meta['num_chunk_rows']} cached chunks "
           f"(k={index.identity['k']}, checkpoint {index.identity['checkpoint']})")
 
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--out", required=True, help="index folder (created, or extended with new passages)")
     i.add_argument("--model", default=str(DEFAULT_CHECKPOINT), help="the checkpoint the cache is for")
     i.add_argument("--batch-size", type=int, default=64)
+    i.add_argument("--retriever-max-tokens", type=int, default=RETRIEVER_MAX_TOKENS,
+                   help="word pieces of each passage the retriever reads (the rest is cut; default: "
+                        "%(default)s, what all-MiniLM-L6-v2 was trained on)")
     i.add_argument("--ray", action="store_true", help="embed with Ray Data workers, then merge")
     i.add_argument("--workers", type=int, default=2, help="Ray workers (with --ray)")
     i.add_argument("--ray-address", default=None,

@@ -37,7 +37,7 @@ def test_retrieval_top1_on_real_text(index):
     for row, rec in enumerate(index.records):
         questions.append(question_for(rec["text"]))
         expected.append(row)
-    hits = index.search(Retriever(index.meta["retriever"]["model"]).embed(questions), 1)
+    hits = index.search(Retriever.for_index(index.meta).embed(questions), 1)
     accuracy = np.mean([h[0].row == e for h, e in zip(hits, expected)])
     assert accuracy >= RETRIEVAL_TOP1_THRESHOLD, accuracy
 
@@ -69,6 +69,17 @@ def test_appending_gives_the_same_index_as_one_build(corpus, index, tiny_ckpt, t
     for row in (3, 60, 119):
         torch.testing.assert_close(again.chunk_embeds(row), index.chunk_embeds(row), atol=1e-5, rtol=1e-5)
     assert len(build_index(corpus, out, tiny_ckpt, progress=False)) == len(index)  # nothing new: no-op
+
+
+def test_an_index_grows_only_with_the_retriever_it_was_built_with(index, tiny_ckpt):
+    """Passage vectors of one index come from one retriever setting: the model and the word
+    pieces it reads are recorded, and another setting may not append."""
+    from refrag_vllm.retrieval.index import RETRIEVER_MAX_TOKENS, cache_identity, retriever_spec
+
+    assert index.meta["retriever"]["max_tokens"] == RETRIEVER_MAX_TOKENS
+    with pytest.raises(ValueError, match="built with retriever .*'max_tokens': 128.*not .*'max_tokens': 256"):
+        IndexWriter(index.path, cache_identity(tiny_ckpt), retriever_spec(max_tokens=256))
+    IndexWriter(index.path, cache_identity(tiny_ckpt), retriever_spec())  # the same setting may
 
 
 def test_an_interrupted_build_resumes(corpus, index, tiny_ckpt, tmp_path, monkeypatch):
@@ -164,11 +175,19 @@ def test_index_rate_benchmark_builds_the_index_it_times(tiny_ckpt, tmp_path):
 
     summary = tmp_path / "results.json"
     summary.write_text(json.dumps({"summary": {"kv_bytes_per_chunk": 1}}))
-    main(["--quick", "--model", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--summary", str(summary)])
+    passages = real_passages()[:12]
+    qa = tmp_path / "qa.jsonl"  # each question's answer is in passages[gold]
+    qa.write_text("".join(json.dumps({"question": question_for(p), "passages": [passages[i - 1], p], "gold": 1}) + "\n"
+                          for i, p in enumerate(passages)))
+    main(["--quick", "--model", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--summary", str(summary),
+          "--qa", str(qa)])
     result = json.loads((tmp_path / "out" / "index_rate.json").read_text())
     assert result["passages"] == 24 and result["chunks"] >= 24 * 64 // 16
-    assert [r["arm"] for r in result["rows"]] == ["index", "encoder + projector", "retriever",
-                                                   "retriever, float32"]
+    assert [r["arm"] for r in result["rows"]] == ["index", "encoder + projector", "retriever (128 tokens)",
+                                                   "retriever, 256 tokens", "retriever, float32 (128 tokens)"]
+    assert [(h["max_tokens"], h["questions"], h["passages"]) for h in result["retrieval_hits"]] == [
+        (128, 12, 12), (256, 12, 12)]
+    assert all(h["hit@1"] >= RETRIEVAL_TOP1_THRESHOLD and h["hit@3"] >= h["hit@1"] for h in result["retrieval_hits"])
     assert all(r["seconds"] > 0 and r["chunks_per_s"] > 0 for r in result["rows"])
     assert result["retriever_dtype"] == "bfloat16" and result["retriever_cosine_to_float32"]["min"] > 0.99
     assert json.loads(summary.read_text())["summary"] == {

@@ -22,12 +22,23 @@ def warm_results(tiny_ckpt, tmp_path_factory):
 
 
 def test_every_condition_and_level_is_measured(warm_results):
+    from benchmarks.warm import PROFILES, first_sight_requests, zipf_requests
+
     _, res = warm_results
     assert list(res["conditions"]) == ["vanilla", "refrag", "refrag-preloaded", "refrag-no-chunk-cache",
                                        "refrag-cached"]
+    cfg = PROFILES["quick"]
+    plan = zipf_requests(cfg)
+    first_sight = first_sight_requests(plan, cfg)
+    # a timed request is first-sight when one of its passages is in no earlier request of the plan
+    seen = {j for picked, _ in plan[:cfg.warmup] for j in picked}
+    level_one = plan[cfg.warmup:cfg.warmup + cfg.requests]
+    assert first_sight[0] == sum(bool(set(picked) - seen - {j for p, _ in level_one[:i] for j in p})
+                                 for i, (picked, _) in enumerate(level_one))
     for result in res["conditions"].values():
         rows = result["rows"]
         assert [r["concurrency"] for r in rows] == [1, 2]
+        assert [r["first_sight_requests"] for r in rows] == first_sight
         for r in rows:
             assert r["requests"] == 4 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
             assert r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0

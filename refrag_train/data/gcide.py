@@ -11,7 +11,8 @@ English prose, far from the Python documentation the recipe trains on.
 * ``heldout.jsonl``: documents of consecutive entries (an alphabetical page of
   about ``min_chars`` characters each), a spread over the whole dictionary;
 * ``qa_heldout.jsonl``: "What does the word X mean?", answered by the entry's first
-  definition; the passages are that entry and other entries of the same page.
+  definition; the passages are that entry (``passages[gold]``) and other entries of the
+  same page.
 
 Everything here is held out: nothing of this domain is used in training.
 """
@@ -147,7 +148,7 @@ def prepare_gcide(out_dir: str | Path, source: str | Path = GCIDE_DIR, *, num_do
             passages = [entry[:1500]] + [e[:1500] for e in rng.sample(others, num_passages - 1)]
             rng.shuffle(passages)
             qa.append({"id": f"gcide/{word}", "question": QUESTION.format(word=word), "answer": answer,
-                       "passages": passages})
+                       "passages": passages, "gold": passages.index(entry[:1500])})
     rng.shuffle(qa)
     qa = qa[:num_questions]
     return write_prepared(out_dir, {"heldout": docs, "qa_heldout": qa}, {
@@ -158,5 +159,6 @@ def prepare_gcide(out_dir: str | Path, source: str | Path = GCIDE_DIR, *, num_do
         "selection": f"{num_docs} pages of consecutive entries (>= {min_chars} chars), evenly spaced over "
                      f"{len(pages)} pages in dictionary order; every document is held out",
         "qa_derivation": "One question per entry of a chosen page whose first definition sentence is 12-200 "
-                         "characters; the passages are the entry (<= 1500 chars) and other entries of its page.",
+                         "characters; the passages are the entry (<= 1500 chars; passages[gold]) and other entries of "
+                         "its page.",
     })

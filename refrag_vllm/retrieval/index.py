@@ -128,24 +128,47 @@ def check_cache_identity(index_identity: dict, model_identity: dict, index_dir) 
 
 
 # ------------------------------------------------------------------ embedders
+RETRIEVER_MAX_TOKENS = 128
+"""Word pieces of a passage the retriever reads (the rest is cut). all-MiniLM-L6-v2 was trained
+on 128-token inputs; against its sentence-transformers default of 256 it finds the answer's
+passage as often or more (hit@3 on the held-out QA passages: Python docs 0.90 against 0.86,
+dictionary 0.955 against 0.955) and embeds 256-token passages 2.4x faster
+(``python -m benchmarks.index_rate --qa ...``; benchmarks/README.md, "Index build")."""
+
+
+def retriever_spec(model: str | Path | None = None, max_tokens: int = RETRIEVER_MAX_TOKENS) -> dict:
+    """What decides a passage's retrieval vector, as an index's ``meta.json`` records it."""
+    from ..default_models import minilm_dir
+
+    return {"model": str(model or minilm_dir()), "max_tokens": int(max_tokens)}
+
+
 class Retriever:
     """sentence-transformers passage/query embeddings, unit norm (inner product = cosine).
 
     ``dtype`` defaults to bfloat16, as the chunk encoder runs: on this project's CPU (AVX-512
-    BF16) it embeds passages 1.75x faster than float32, each embedding at cosine >= 0.998 to
-    float32's (``python -m benchmarks.index_rate``; benchmarks/README.md, "Index build").  Passages and queries use the same dtype.
+    BF16) it embeds passages 3.3x faster than float32, each embedding at cosine >= 0.998 to
+    float32's (``python -m benchmarks.index_rate``; benchmarks/README.md, "Index build").  Passages
+    and queries use the same dtype. ``max_tokens``: :data:`RETRIEVER_MAX_TOKENS`.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16") -> None:
+    def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16",
+                 max_tokens: int = RETRIEVER_MAX_TOKENS) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from ..default_models import minilm_dir
-
-        self.name = str(model or minilm_dir())
+        self.spec = retriever_spec(model, max_tokens)
+        self.name = self.spec["model"]
         self.model = SentenceTransformer(self.name, device="cpu").to(getattr(torch, dtype))
+        self.model.max_seq_length = self.spec["max_tokens"]
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
+
+    @classmethod
+    def for_index(cls, meta: dict) -> "Retriever":
+        """The retriever an index was built with (``meta.json``'s ``retriever``)."""
+        spec = meta["retriever"]
+        return cls(spec["model"], max_tokens=spec.get("max_tokens", RETRIEVER_MAX_TOKENS))
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """``(n, dim)`` float32, unit rows."""
@@ -288,19 +311,21 @@ class PassageIndex:
 class IndexWriter:
     """Appends committed batches to an index folder (creating it on the first batch)."""
 
-    def __init__(self, path: str | Path, identity: dict, retriever_name: str) -> None:
+    def __init__(self, path: str | Path, identity: dict, retriever: dict) -> None:
+        """``retriever``: :func:`retriever_spec` of the retriever that embeds the passages."""
         self.path = Path(path)
         self.identity = identity
         if (self.path / META).exists():
             current = PassageIndex.open(self.path)
             check_cache_identity(current.identity, identity, self.path)
-            if current.meta["retriever"]["model"] != retriever_name:
-                raise ValueError(f"{self.path}: built with retriever {current.meta['retriever']['model']}, "
-                                 f"not {retriever_name}")
+            built = {key: current.meta["retriever"].get(key) for key in retriever}
+            if built != retriever:
+                raise ValueError(f"{self.path}: built with retriever {built}, not {retriever}; "
+                                 f"add to it with the same retriever, or build a new index")
             self.meta, self.faiss = current.meta, current.faiss
             self.known = set(current._ids)
         else:
-            self.meta = {"format": FORMAT, "retriever": {"model": retriever_name, "dim": None},
+            self.meta = {"format": FORMAT, "retriever": {**retriever, "dim": None},
                          "cache": identity, "num_passages": 0, "num_chunk_rows": 0}
             self.faiss = None  # created with the first batch's width
             self.known = set()
@@ -367,11 +392,12 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def build_index(corpus: str | Path, out: str | Path, model_dir: str | Path, *, retriever: str | None = None,
-                batch_size: int = 64, progress: bool = True) -> PassageIndex:
+                retriever_max_tokens: int = RETRIEVER_MAX_TOKENS, batch_size: int = 64,
+                progress: bool = True) -> PassageIndex:
     """Index a corpus (or add its new passages to ``out``) in one process."""
     records = read_corpus(corpus)
-    embedder = Retriever(retriever)
-    writer = IndexWriter(out, cache_identity(model_dir), embedder.name)
+    embedder = Retriever(retriever, max_tokens=retriever_max_tokens)
+    writer = IndexWriter(out, cache_identity(model_dir), embedder.spec)
     todo = new_records(records, writer.known)
     if todo:
         add_passages(writer, todo, embedder, CacheProjector(model_dir), batch_size=batch_size, progress=progress)

@@ -50,7 +50,7 @@ class RefragRAG:
         self.model_dir = str(model_dir)
         self.index.check_model(self.model_dir)
         self.builder = RefragPromptBuilder.from_pretrained(self.model_dir)
-        self.retriever = retriever or Retriever(self.index.meta["retriever"]["model"])
+        self.retriever = retriever or Retriever.for_index(self.index.meta)
 
     def retrieve(self, questions: Sequence[str], top_k: int = 3) -> list[list[Hit]]:
         return self.index.search(self.retriever.embed(questions), top_k)

@@ -21,18 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import (CacheProjector, IndexWriter, PassageIndex, PassageRecord, Retriever, cache_identity,
-                    new_records, read_corpus)
+from .index import (RETRIEVER_MAX_TOKENS, CacheProjector, IndexWriter, PassageIndex, PassageRecord, Retriever,
+                    cache_identity, new_records, read_corpus, retriever_spec)
 
 
 class EmbedPassages:
     """A Ray Data actor: ``{"id", "text"}`` batches -> retrieval vector + cache rows."""
 
-    def __init__(self, model_dir: str, retriever: str) -> None:
+    def __init__(self, model_dir: str, retriever: dict) -> None:
         import torch
 
         torch.set_num_threads(1)
-        self.retriever = Retriever(retriever)
+        self.retriever = Retriever(retriever["model"], max_tokens=retriever["max_tokens"])
         self.projector = CacheProjector(model_dir)
 
     def __call__(self, batch: dict) -> dict:
@@ -58,18 +58,16 @@ def init_ray(address: str | None = None, env_vars: dict | None = None) -> None:
 
 
 def build_index_ray(corpus: str | Path, out: str | Path, model_dir: str | Path, *, retriever: str | None = None,
-                    batch_size: int = 64, num_workers: int = 2, address: str | None = None,
-                    progress: bool = True) -> PassageIndex:
+                    retriever_max_tokens: int = RETRIEVER_MAX_TOKENS, batch_size: int = 64, num_workers: int = 2,
+                    address: str | None = None, progress: bool = True) -> PassageIndex:
     """Like :func:`~refrag_vllm.retrieval.index.build_index`, with the embedding done by Ray Data."""
     import ray
     from tqdm import tqdm
 
-    from ..default_models import minilm_dir
-
     records = read_corpus(corpus)
     identity = cache_identity(model_dir)
-    retriever_name = str(retriever or minilm_dir())
-    writer = IndexWriter(out, identity, retriever_name)
+    spec = retriever_spec(retriever, retriever_max_tokens)
+    writer = IndexWriter(out, identity, spec)
     todo = new_records(records, writer.known)
     if todo:
         init_ray(address)
@@ -79,7 +77,7 @@ def build_index_ray(corpus: str | Path, out: str | Path, model_dir: str | Path, 
         ds = ray.data.from_items([{"id": r.id, "text": r.text} for r in todo],
                                  override_num_blocks=max(1, min(len(todo) // batch_size, num_workers * 4)))
         ds = ds.map_batches(EmbedPassages, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()),
-                                                                  "retriever": retriever_name},
+                                                                  "retriever": spec},
                             batch_size=batch_size, batch_format="numpy", concurrency=num_workers, num_cpus=1)
         width = identity["width"]
         with tqdm(total=len(todo), desc="indexing (ray)", unit="passage", disable=not progress) as bar:
