@@ -80,6 +80,8 @@ def test_an_index_grows_only_with_the_retriever_it_was_built_with(index, tiny_ck
     with pytest.raises(ValueError, match="built with retriever .*'max_tokens': 128.*not .*'max_tokens': 256"):
         IndexWriter(index.path, cache_identity(tiny_ckpt), retriever_spec(max_tokens=256))
     IndexWriter(index.path, cache_identity(tiny_ckpt), retriever_spec())  # the same setting may
+    with pytest.raises(ValueError, match="at least one word piece"):
+        retriever_spec(max_tokens=0)
 
 
 def test_an_interrupted_build_resumes(corpus, index, tiny_ckpt, tmp_path, monkeypatch):

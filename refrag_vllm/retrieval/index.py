@@ -140,6 +140,8 @@ def retriever_spec(model: str | Path | None = None, max_tokens: int = RETRIEVER_
     """What decides a passage's retrieval vector, as an index's ``meta.json`` records it."""
     from ..default_models import minilm_dir
 
+    if int(max_tokens) < 1:
+        raise ValueError(f"the retriever must read at least one word piece, not {max_tokens}")
     return {"model": str(model or minilm_dir()), "max_tokens": int(max_tokens)}
 
 
