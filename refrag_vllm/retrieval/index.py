@@ -1,6 +1,6 @@
 """A passage index on disk: FAISS over sentence embeddings, plus the REFRAG cache.
 
-    DIR/meta.json          format, retriever, the cache's checkpoint identity and k,
+    DIR/meta.json          format, retriever (model, word pieces read), the cache's checkpoint identity and k,
                            and the committed counts (written last: the commit point)
     DIR/passages.jsonl     one line per passage: id, text, first chunk row, chunk count
     DIR/faiss.index        FAISS inner-product index of unit-norm passage embeddings
