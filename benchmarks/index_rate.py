@@ -84,7 +84,9 @@ def best_seconds(arms: dict, repeats: int) -> dict:
 def retrieval_hits(retriever, qa_file: str | Path, ks: tuple[int, ...] = (1, 3)) -> dict:
     """hit@k of each question's answer passage (``passages[gold]``) among all of ``qa_file``'s
     distinct passages: ``{"questions", "passages", "hit@1", "hit@3"}``."""
-    rows = [json.loads(line) for line in Path(qa_file).read_text().splitlines() if line.strip()]
+    from refrag_vllm.retrieval.corpora import iter_jsonl
+
+    rows = [row for _, row in iter_jsonl(qa_file)]
     if not rows or any("gold" not in r for r in rows):
         raise ValueError(f"{qa_file}: every row must name its answer's passage (\"gold\")")
     pool = sorted({p for r in rows for p in r["passages"]})

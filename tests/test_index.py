@@ -37,7 +37,7 @@ def test_retrieval_top1_on_real_text(index):
     for row, rec in enumerate(index.records):
         questions.append(question_for(rec["text"]))
         expected.append(row)
-    hits = index.search(Retriever.for_index(index.meta).embed(questions), 1)
+    hits = index.search(Retriever.from_spec(index.meta["retriever"]).embed(questions), 1)
     accuracy = np.mean([h[0].row == e for h, e in zip(hits, expected)])
     assert accuracy >= RETRIEVAL_TOP1_THRESHOLD, accuracy
 

@@ -167,9 +167,9 @@ class Retriever:
         self.dim = int(dim())
 
     @classmethod
-    def for_index(cls, meta: dict) -> "Retriever":
-        """The retriever an index was built with (``meta.json``'s ``retriever``)."""
-        spec = meta["retriever"]
+    def from_spec(cls, spec: dict) -> "Retriever":
+        """The retriever a :func:`retriever_spec` describes, e.g. an index's (``meta.json``'s
+        ``retriever``; an index that does not record ``max_tokens`` gets the default)."""
         return cls(spec["model"], max_tokens=spec.get("max_tokens", RETRIEVER_MAX_TOKENS))
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -50,7 +50,7 @@ class RefragRAG:
         self.model_dir = str(model_dir)
         self.index.check_model(self.model_dir)
         self.builder = RefragPromptBuilder.from_pretrained(self.model_dir)
-        self.retriever = retriever or Retriever.for_index(self.index.meta)
+        self.retriever = retriever or Retriever.from_spec(self.index.meta["retriever"])
 
     def retrieve(self, questions: Sequence[str], top_k: int = 3) -> list[list[Hit]]:
         return self.index.search(self.retriever.embed(questions), top_k)

@@ -32,7 +32,7 @@ class EmbedPassages:
         import torch
 
         torch.set_num_threads(1)
-        self.retriever = Retriever(retriever["model"], max_tokens=retriever["max_tokens"])
+        self.retriever = Retriever.from_spec(retriever)
         self.projector = CacheProjector(model_dir)
 
     def __call__(self, batch: dict) -> dict:
