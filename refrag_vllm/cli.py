@@ -12,7 +12,7 @@ from .config import chunk_size_arg
 from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
 from .middleware import SIZE_LIMIT_MIDDLEWARE
 from .modes import REFRAG_CACHED
-from .retrieval.index import RETRIEVER_MAX_TOKENS
+from .retrieval.index import RETRIEVER_MAX_TOKENS, retriever_spec
 from .retrieval.rag import MODES as RAG_MODES
 
 def cmd_positions(args) -> None:
@@ -108,6 +108,14 @@ def cmd_demo(args) -> None:
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         print(f"\n[{name}] {builder.num_positions(prompt)} decoder positions")
         print(f"A: {out.outputs[0].text.strip()}")
+
+
+def _retriever_tokens_arg(text: str) -> int:
+    """argparse ``type=`` of ``--retriever-max-tokens``: a positive count, else a usage error."""
+    try:
+        return retriever_spec(max_tokens=int(text))["max_tokens"]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the retriever must read at least one word piece") from None
 
 
 def cmd_index(args) -> None:
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--out", required=True, help="index folder (created, or extended with new passages)")
     i.add_argument("--model", default=str(DEFAULT_CHECKPOINT), help="the checkpoint the cache is for")
     i.add_argument("--batch-size", type=int, default=64)
-    i.add_argument("--retriever-max-tokens", type=int, default=RETRIEVER_MAX_TOKENS,
+    i.add_argument("--retriever-max-tokens", type=_retriever_tokens_arg, default=RETRIEVER_MAX_TOKENS,
                    help="word pieces of each passage the retriever reads (the rest is cut; default: "
                         "%(default)s, what all-MiniLM-L6-v2 was trained on)")
     i.add_argument("--ray", action="store_true", help="embed with Ray Data workers, then merge")
@@ -291,11 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd_demo(args)
     else:
         from .retrieval.corpora import CorpusError
-        from .retrieval.index import CacheMismatchError
+        from .retrieval.index import CacheMismatchError, RetrieverMismatchError
 
         try:
             cmd_index(args) if args.command == "index" else cmd_ask(args)
-        except (CorpusError, CacheMismatchError, FileNotFoundError) as e:
+        except (CorpusError, CacheMismatchError, RetrieverMismatchError, FileNotFoundError) as e:
             parser.exit(2, f"refrag-vllm {args.command}: error: {e}\n")
 
 

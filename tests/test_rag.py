@@ -107,3 +107,17 @@ def test_cli_errors_are_clear(tiny_ckpt, tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "i").exists()
     missing = _cli("ask", "--index", str(tmp_path / "none"), "--model", str(tiny_ckpt), "q")
     assert missing.returncode == 2 and "not an index" in missing.stderr
+    no_tokens = _cli("index", "--corpus", str(bad), "--out", str(tmp_path / "i"), "--model", str(tiny_ckpt),
+                     "--retriever-max-tokens", "0")
+    assert no_tokens.returncode == 2 and "at least one word piece" in no_tokens.stderr
+    assert "Traceback" not in no_tokens.stderr and not (tmp_path / "i").exists()
+
+
+def test_cli_refuses_to_grow_an_index_with_another_retriever_setting(index, tiny_ckpt, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in index.records[:2]))
+    out = tmp_path / "index"
+    assert _cli("index", "--corpus", str(corpus), "--out", str(out), "--model", str(tiny_ckpt)).returncode == 0
+    other = _cli("index", "--corpus", str(corpus), "--out", str(out), "--model", str(tiny_ckpt),
+                 "--retriever-max-tokens", "256")
+    assert other.returncode == 2 and "built with retriever" in other.stderr and "Traceback" not in other.stderr

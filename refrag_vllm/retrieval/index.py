@@ -42,6 +42,10 @@ class CacheMismatchError(ValueError):
     """The index's REFRAG cache was built for another checkpoint or k."""
 
 
+class RetrieverMismatchError(ValueError):
+    """The index's passage vectors come from another retriever setting (model, word pieces)."""
+
+
 # ------------------------------------------------------------------ corpus
 @dataclass(frozen=True)
 class PassageRecord:
@@ -322,7 +326,7 @@ class IndexWriter:
             check_cache_identity(current.identity, identity, self.path)
             built = {key: current.meta["retriever"].get(key) for key in retriever}
             if built != retriever:
-                raise ValueError(f"{self.path}: built with retriever {built}, not {retriever}; "
+                raise RetrieverMismatchError(f"{self.path}: built with retriever {built}, not {retriever}; "
                                  f"add to it with the same retriever, or build a new index")
             self.meta, self.faiss = current.meta, current.faiss
             self.known = set(current._ids)
