@@ -2,6 +2,7 @@
 
     refrag-train prepare --out data/python-docs
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
+    refrag-train prepare --domain kjv --out data/kjv          # a third, held-out domain: narrative prose
     refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
     refrag-train prepare --domain fortunes --out data/fortunes  # general English, extra training prose
     refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,sequence_reading,cpt,policy,sft] [--mlflow]
@@ -53,6 +54,10 @@ def cmd_prepare(args) -> None:
         from .data.gcide import GCIDE_DIR, prepare_gcide
 
         manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
+    elif args.domain == "kjv":
+        from .data.kjv import prepare_kjv
+
+        manifest = prepare_kjv(args.out, source=args.source)
     elif args.domain == "fortunes":
         from .data.fortunes import FORTUNES_DIR, prepare_fortunes
 
@@ -233,13 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs "
                                        "(or a held-out second domain)")
     p.add_argument("--out", default="data/python-docs")
-    p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide"), default="python-docs",
+    p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide", "kjv"), default="python-docs",
                    help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
                         "extra training prose; fortunes: general English (apt-get install fortunes), "
                         "extra training prose; gcide: English dictionary prose (apt-get install "
-                        "dict-gcide), evaluation only")
+                        "dict-gcide), evaluation only; kjv: the King James Bible's narrative prose "
+                        "(apt-get install bible-kjv), evaluation only")
     p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
-                                                  "or with --domain gcide/fortunes their data folder")
+                                                  "or with --domain gcide/fortunes their data folder, "
+                                                  "or with --domain kjv a file of `bible -l1000 Gen1:1-Rev22:21` output")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--max-train-chars", type=int, default=None,
                    help="keep about this many characters of training documents (a hash-ordered spread)")

@@ -1,6 +1,7 @@
 """Two arms' answers to the same held-out questions, paired question by question.
 
     python -m refrag_train.compare_arms RUN RUN_CONTROL [--eval eval-qa518] [--answers qa-python] [--out FILE.md]
+    python -m refrag_train.compare_arms RUN RUN_CONTROL --eval eval-gcide   # Table 1, paired window by window
 
 Each run folder holds what ``refrag-train eval`` (``RUN/<eval>/eval.json``, its QA table's
 per-question answer log-PPL) and ``python -m refrag_train.qa_generation``
@@ -10,6 +11,11 @@ RUN_CONTROL paired over the questions: mean ± standard error, and on how many q
 better and worse (a lower log-PPL, a higher content recall). A change that helps the compressed
 answers and not their control, without costing the no-passages ones, shows as such here even
 when the *recovered* share, a ratio of three rows, hides it.
+
+Where the eval folder holds Table 1 (``refrag-train eval`` with windows), its rows are paired
+the same way over the windows, with one more row: the content, another window's chunks minus
+REFRAG-k (the served chunk size) per window, where a positive difference means RUN's compressed
+chunks carry more.
 """
 
 from __future__ import annotations
@@ -28,8 +34,24 @@ ANSWER_FIELDS = ("id", "question", "reference")
 
 def answer_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
     """``{condition: per-question answer log-PPL}`` of an eval folder's QA table."""
-    rows = json.loads((eval_dir / "eval.json").read_text())["qa"]
+    rows = json.loads((eval_dir / "eval.json").read_text()).get("qa") or []
     return {r["condition"]: r["per_example"] for r in rows}
+
+
+def window_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
+    """``{condition: per-window log-PPL}`` of an eval folder's Table 1; ``{}`` without one."""
+    rows = json.loads((eval_dir / "eval.json").read_text()).get("rows", [])
+    return {r["condition"]: r["per_window"] for r in rows}
+
+
+def window_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``{"content (control − REFRAG-k)": per window}``: another window's chunks minus the
+    window's own, in nats (higher: the chunks carry more); ``{}`` without the control row."""
+    for control in rows:
+        if control.endswith("another window's chunks (control)"):
+            treatment = control.split(",")[0]
+            return {f"content (control − {treatment})": [c - t for c, t in zip(rows[control], rows[treatment])]}
+    return {}
 
 
 def answer_recall(answers_dir: Path) -> tuple[list[str], dict[str, list[float]]]:
@@ -50,14 +72,24 @@ def paired_rows(ours: dict[str, list[float]], theirs: dict[str, list[float]], lo
     return out
 
 
+def _same_length(ours: dict[str, list], theirs: dict[str, list], eval_name: str, what: str) -> None:
+    if any(len(ours[c]) != len(theirs[c]) for c in ours if c in theirs):
+        raise ValueError(f"{eval_name}: the two arms scored different numbers of {what}")
+
+
 def compare(run: Path, control: Path, eval_name: str = "eval-qa518", answers_name: str = "qa-python") -> dict:
     """Paired differences of ``run`` against ``control``; a part missing from either is left out."""
     result: dict = {"run": str(run), "control": str(control)}
     if (run / eval_name / "eval.json").exists() and (control / eval_name / "eval.json").exists():
+        ours, theirs = window_log_ppl(run / eval_name), window_log_ppl(control / eval_name)
+        if ours and theirs:
+            _same_length(ours, theirs, eval_name, "windows")
+            result["window_log_ppl"] = (paired_rows(ours, theirs, lower_is_better=True)
+                                        + paired_rows(window_content(ours), window_content(theirs), lower_is_better=False))
         ours, theirs = answer_log_ppl(run / eval_name), answer_log_ppl(control / eval_name)
-        if any(len(ours[c]) != len(theirs[c]) for c in ours if c in theirs):
-            raise ValueError(f"{eval_name}: the two arms scored different numbers of questions")
-        result["answer_log_ppl"] = paired_rows(ours, theirs, lower_is_better=True)
+        if ours and theirs:
+            _same_length(ours, theirs, eval_name, "questions")
+            result["answer_log_ppl"] = paired_rows(ours, theirs, lower_is_better=True)
     if (run / answers_name / "answers.jsonl").exists() and (control / answers_name / "answers.jsonl").exists():
         (q_ours, ours), (q_theirs, theirs) = answer_recall(run / answers_name), answer_recall(control / answers_name)
         if q_ours != q_theirs:
@@ -67,8 +99,9 @@ def compare(run: Path, control: Path, eval_name: str = "eval-qa518", answers_nam
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['run']} − {result['control']}, paired over the same held-out questions.", ""]
-    for key, title in (("answer_log_ppl", "QA answer log-PPL (lower: better)"),
+    lines = [f"{result['run']} − {result['control']}, paired over the same held-out windows and questions.", ""]
+    for key, title in (("window_log_ppl", "Table 1 log-PPL, paired over the windows (lower: better; content: higher)"),
+                       ("answer_log_ppl", "QA answer log-PPL (lower: better)"),
                        ("greedy_recall", "greedy content recall (higher: better)")):
         if key in result:
             lines += table_lines([title, "mean ± s.e.", "better / worse"],

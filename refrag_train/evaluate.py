@@ -13,7 +13,9 @@ puts its first input at the decoder's attention sink:
   expansion at the same rate;
 * a control: REFRAG16 with another window's chunks (equal to REFRAG16 means the
   compressed chunks carry nothing the decoder uses), and the same with another
-  window's raw tokens.
+  window's raw tokens;
+* the control's chunks but the window's own last one: how much of the content sits in
+  the chunk the continuation starts from.
 
 An optional second table scores held-out RAG QA answers (the SFT format) with no
 passages, compressed passages, raw passages and the control, another question's passages
@@ -88,6 +90,14 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     other_ctx = [windows[(i + 1) % len(windows)][:s] for i in range(len(windows))]
     conds[f"REFRAG{kp}, another window's chunks (control)"] = [
         context_sample(tokenizer, pid, other, w[s:], kp, num_targets=o - 1) for other, w in zip(other_ctx, windows)
+    ]
+    # Where the content sits: the control's chunks but the window's own last chunk (the words the
+    # continuation starts from). Against the control, what the last chunk carries; against
+    # REFRAG-kp, what all the others do.
+    last = (s - 1) // kp * kp  # where the last chunk starts
+    conds[f"REFRAG{kp}, another window's chunks but its own last"] = [
+        context_sample(tokenizer, pid, other[:last] + w[last:s], w[s:], kp, num_targets=o - 1)
+        for other, w in zip(other_ctx, windows)
     ]
     # The same control with raw tokens: what an unrelated uncompressed context does.
     conds["Full context, another window's tokens (control)"] = [

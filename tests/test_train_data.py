@@ -473,3 +473,28 @@ def test_prepare_fortunes_groups_categories_and_splits_by_hash(tmp_path):
     heldout = {d["id"] for d in read_jsonl(tmp_path / "out" / "heldout.jsonl", ("id", "text"))}
     assert heldout == {d["id"] for d in docs if is_heldout(d["id"], 0.5)}
     assert manifest["splits"]["train"]["docs"] + manifest["splits"]["heldout"]["docs"] == 3
+
+
+BIBLE_OUTPUT = (  # the `bible -l1000 Gen1:1-Rev22:21` layout: a heading per chapter, numbered verses
+    "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"
+    "  2 And the earth was without form, and void.\n\nGenesis 2\n\n"
+    "  1 Thus the heavens and the earth were finished.\n\n1 Samuel 1\n\n"
+    "  1 Now there was a certain man of Ramathaimzophim.\n"
+    "  2 And he had two wives; the name of the one was Hannah.\n"
+)
+
+
+def test_prepare_kjv_reads_chapters_as_prose_and_spreads_the_documents(tmp_path):
+    from refrag_train.data.kjv import prepare_kjv, read_chapters
+
+    chapters = read_chapters(BIBLE_OUTPUT)
+    assert [h for h, _ in chapters] == ["Genesis 1", "Genesis 2", "1 Samuel 1"]  # "1 Samuel" is no verse
+    assert chapters[0][1] == ("In the beginning God created the heaven and the earth. "
+                              "And the earth was without form, and void.")
+    (tmp_path / "bible.txt").write_text(BIBLE_OUTPUT)
+    manifest = prepare_kjv(tmp_path / "out", tmp_path / "bible.txt", num_docs=2)
+    docs = read_jsonl(tmp_path / "out" / "heldout.jsonl", ("id", "text"))
+    assert [d["id"] for d in docs] == ["kjv/Genesis 1", "kjv/Genesis 2"]  # evenly spaced: chapters 0 and 1 of 3
+    assert docs[0]["text"].startswith("Genesis 1\nIn the beginning") and manifest["splits"]["heldout"]["docs"] == 2
+    with pytest.raises(ValueError, match="only 3 chapters, 4 wanted"):
+        prepare_kjv(tmp_path / "out", tmp_path / "bible.txt", num_docs=4)

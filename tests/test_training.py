@@ -769,6 +769,10 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     raw_control = by["Full context, another window's tokens (control)"]
     assert raw_control["positions"] == by["Full context"]["positions"]
     assert raw_control["per_window"] != by["Full context"]["per_window"]
+    # The control's chunks but the window's own last one: the same positions, other scores.
+    own_last = by["REFRAG4, another window's chunks but its own last"]
+    assert own_last["positions"] == by["REFRAG4"]["positions"]
+    assert own_last["per_window"] != by["REFRAG4, another window's chunks (control)"]["per_window"]
     assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
     qa = {q["condition"]: q for q in result["qa"]}
     assert list(qa) == ["No passages", "Compressed passages", "Raw passages",
@@ -962,6 +966,22 @@ def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
         compare(run, other)
     with pytest.raises(SystemExit, match="share no"):
         main([str(run), str(tmp_path / "missing")])
+    # Table 1, paired window by window, with the content (control − REFRAG-k) higher being better.
+    def table1(name, refrag, control):
+        run = tmp_path / name
+        (run / "eval-gcide").mkdir(parents=True)
+        rows = [{"condition": "REFRAG16", "per_window": refrag},
+                {"condition": "REFRAG16, another window's chunks (control)", "per_window": control}]
+        (run / "eval-gcide" / "eval.json").write_text(json.dumps({"rows": rows}))
+        return run
+
+    result = compare(table1("t-run", [3.0, 3.2], [3.5, 3.5]), table1("t-control", [3.2, 3.2], [3.4, 3.6]),
+                     eval_name="eval-gcide")
+    assert "answer_log_ppl" not in result  # that eval has no QA table
+    windows = {r["condition"]: r for r in result["window_log_ppl"]}
+    assert windows["REFRAG16"]["mean"] == pytest.approx(-0.1) and windows["REFRAG16"]["better"] == 1
+    content = windows["content (control − REFRAG16)"]  # (0.5, 0.3) against (0.2, 0.4)
+    assert content["mean"] == pytest.approx(0.1) and (content["better"], content["worse"]) == (1, 1)
 
 
 def test_cpt_decoder_lr_scale_sets_the_decoder_loras_share_of_the_lr(tiny_cfg, base_ckpt, tmp_path):
