@@ -34,7 +34,7 @@ ANSWER_FIELDS = ("id", "question", "reference")
 
 def answer_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
     """``{condition: per-question answer log-PPL}`` of an eval folder's QA table."""
-    rows = json.loads((eval_dir / "eval.json").read_text()).get("qa") or []
+    rows = json.loads((eval_dir / "eval.json").read_text()).get("qa", [])
     return {r["condition"]: r["per_example"] for r in rows}
 
 

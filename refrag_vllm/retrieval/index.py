@@ -327,7 +327,7 @@ class IndexWriter:
             built = {key: current.meta["retriever"].get(key) for key in retriever}
             if built != retriever:
                 raise RetrieverMismatchError(f"{self.path}: built with retriever {built}, not {retriever}; "
-                                 f"add to it with the same retriever, or build a new index")
+                                             f"add to it with the same retriever, or build a new index")
             self.meta, self.faiss = current.meta, current.faiss
             self.known = set(current._ids)
         else:
