@@ -50,28 +50,35 @@ def _record_time(run_dir: Path, what: str, seconds: float) -> None:
 
 
 def cmd_prepare(args) -> None:
+    try:
+        manifest = _prepare_domain(args)
+    except FileNotFoundError as e:  # a source or Debian package that is not there: say which, no traceback
+        raise SystemExit(f"refrag-train prepare: error: {e}") from None
+    print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
+
+
+def _prepare_domain(args) -> dict:
     if args.domain == "gcide":
         from .data.gcide import GCIDE_DIR, prepare_gcide
 
-        manifest = prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
+        return prepare_gcide(args.out, source=args.source or GCIDE_DIR, seed=args.seed)
     elif args.domain == "kjv":
         from .data.kjv import prepare_kjv
 
-        manifest = prepare_kjv(args.out, source=args.source)
+        return prepare_kjv(args.out, source=args.source)
     elif args.domain == "fortunes":
         from .data.fortunes import FORTUNES_DIR, prepare_fortunes
 
-        manifest = prepare_fortunes(args.out, source=args.source or FORTUNES_DIR,
-                                    heldout_fraction=args.heldout_fraction, seed=args.seed)
+        return prepare_fortunes(args.out, source=args.source or FORTUNES_DIR,
+                                  heldout_fraction=args.heldout_fraction, seed=args.seed)
     else:
         from .data import EXCLUDED_DIRS, LINUX_DOC_EXCLUDED_DIRS, LINUX_DOC_SOURCES, prepare
 
         linux = args.domain == "linux-doc"
-        manifest = prepare(args.out, source=args.source or (LINUX_DOC_SOURCES if linux else None),
-                           heldout_fraction=args.heldout_fraction, seed=args.seed,
-                           excluded_dirs=EXCLUDED_DIRS + (LINUX_DOC_EXCLUDED_DIRS if linux else ()),
-                           max_train_chars=args.max_train_chars)
-    print(json.dumps({k: v for k, v in manifest.items() if k != "description"}, indent=2))
+        return prepare(args.out, source=args.source or (LINUX_DOC_SOURCES if linux else None),
+                       heldout_fraction=args.heldout_fraction, seed=args.seed,
+                       excluded_dirs=EXCLUDED_DIRS + (LINUX_DOC_EXCLUDED_DIRS if linux else ()),
+                       max_train_chars=args.max_train_chars)
 
 
 def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=None, init: Path | None = None,

@@ -498,3 +498,13 @@ def test_prepare_kjv_reads_chapters_as_prose_and_spreads_the_documents(tmp_path)
     assert docs[0]["text"].startswith("Genesis 1\nIn the beginning") and manifest["splits"]["heldout"]["docs"] == 2
     with pytest.raises(ValueError, match="only 3 chapters, 4 wanted"):
         prepare_kjv(tmp_path / "out", tmp_path / "bible.txt", num_docs=4)
+
+
+def test_prepare_without_its_source_is_a_clear_error_not_a_traceback(tmp_path):
+    """``refrag-train prepare`` with a missing source or Debian package exits with its message."""
+    from refrag_train.cli import main
+
+    with pytest.raises(SystemExit, match="refrag-train prepare: error: no GCIDE database in .*dict-gcide"):
+        main(["prepare", "--domain", "gcide", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="refrag-train prepare: error: .*No such file"):
+        main(["prepare", "--domain", "kjv", "--source", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
