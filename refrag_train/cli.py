@@ -3,7 +3,7 @@
     refrag-train prepare --out data/python-docs
     refrag-train prepare --domain gcide --out data/gcide      # a second, held-out domain
     refrag-train prepare --domain kjv --out data/kjv          # a third, held-out domain: narrative prose
-    refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 7000000  # extra training prose
+    refrag-train prepare --domain linux-doc --out data/linux-doc --max-train-chars 4000000  # another project's docs
     refrag-train prepare --domain fortunes --out data/fortunes  # general English, extra training prose
     refrag-train train   --config cpu --run-dir runs/cpu [--stages reconstruction,reading,sequence_reading,cpt,policy,sft] [--mlflow]
     refrag-train export  --config cpu --run-dir runs/cpu --out checkpoints/trained
@@ -192,9 +192,9 @@ def cmd_eval(args) -> dict:
     cfg = _config(args)
     data = _data_dir(args, cfg)
     docs = read_jsonl(data / "heldout.jsonl")
-    qa_path = data / "qa_heldout.jsonl"
+    qa_path = data / "qa_heldout.jsonl"  # absent or empty (a domain without questions): no QA table
     qa = read_jsonl(qa_path, required=("question", "answer", "passages"))[: args.qa_examples or None] \
-        if qa_path.exists() else None
+        if qa_path.exists() and qa_path.stat().st_size else None
     result = evaluate(args.checkpoint, [d["text"] for d in docs], cfg.eval, args.out, qa_examples=qa,
                       seed=cfg.run.seed)
     print((Path(args.out) / "eval.md").read_text())
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="data/python-docs")
     p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide", "kjv"), default="python-docs",
                    help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
-                        "extra training prose; fortunes: general English (apt-get install fortunes), "
+                        "extra training prose or held-out software documentation; fortunes: general English (apt-get install fortunes), "
                         "extra training prose; gcide: English dictionary prose (apt-get install "
                         "dict-gcide), evaluation only; kjv: the King James Bible's narrative prose "
                         "(apt-get install bible-kjv), evaluation only")

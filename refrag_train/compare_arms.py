@@ -27,6 +27,7 @@ from pathlib import Path
 from refrag_vllm.markdown import table_lines
 
 from .data import read_jsonl
+from .evaluate import window_content
 from .qa_generation import content_recall, paired_difference
 
 ANSWER_FIELDS = ("id", "question", "reference")
@@ -42,16 +43,6 @@ def window_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
     """``{condition: per-window log-PPL}`` of an eval folder's Table 1; ``{}`` without one."""
     rows = json.loads((eval_dir / "eval.json").read_text()).get("rows", [])
     return {r["condition"]: r["per_window"] for r in rows}
-
-
-def window_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
-    """``{"content (control − REFRAG-k)": per window}``: another window's chunks minus the
-    window's own, in nats (higher: the chunks carry more); ``{}`` without the control row."""
-    for control in rows:
-        if control.endswith("another window's chunks (control)"):
-            treatment = control.split(",")[0]
-            return {f"content (control − {treatment})": [c - t for c, t in zip(rows[control], rows[treatment])]}
-    return {}
 
 
 def answer_recall(answers_dir: Path) -> tuple[list[str], dict[str, list[float]]]:

@@ -38,6 +38,7 @@ from refrag_vllm.prompt import RefragPromptBuilder, chunk_text
 from refrag_vllm.reference import RefragReferenceModel
 
 from .config import EvalConfig
+from .qa_generation import paired_difference
 from .samples import Sample, TokenCorpus, context_sample, lm_sample, random_expansion, split_chunks
 
 
@@ -205,6 +206,40 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
     return result
 
 
+RAW_CONTROL = "Full context, another window's tokens (control)"
+
+
+def window_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``{"content (control − REFRAG-k)": per window}``: another window's chunks minus the
+    window's own, in nats (higher: the chunks carry more); ``{}`` without the control row."""
+    for control in rows:
+        if control.endswith("another window's chunks (control)"):
+            treatment = control.split(",")[0]
+            return {f"content (control − {treatment})": [c - t for c, t in zip(rows[control], rows[treatment])]}
+    return {}
+
+
+def content_summary(rows: list[dict]) -> dict | None:
+    """What the compressed chunks carry of *their own* window, beside what its raw tokens carry.
+
+    ``compressed``: REFRAG-k's gap recovered minus its another-window control's (points), and the
+    same per window in nats (mean ± s.e.); ``raw``: full context's 100% minus another window's raw
+    tokens' (points); ``share``: compressed / raw. Where another window's raw tokens already recover
+    much of the gap (prose in a known style), little is left to carry, and ``share`` says how much
+    of that little the vectors carry. ``None`` without the control rows."""
+    per_window = {r["condition"]: r["per_window"] for r in rows}
+    recovered = {r["condition"]: r["gap_recovered"] for r in rows}
+    control = next((c for c in recovered if c.endswith("another window's chunks (control)")), None)
+    if control is None or RAW_CONTROL not in recovered or None in recovered.values():
+        return None
+    treatment = control.split(",")[0]
+    d = paired_difference(per_window[control], per_window[treatment])
+    compressed = recovered[treatment] - recovered[control]
+    raw = recovered["Full context"] - recovered[RAW_CONTROL]
+    return {"treatment": treatment, "compressed": compressed, "compressed_nats": d["mean"], "compressed_nats_se": d["se"],
+            "raw": raw, "share": compressed / raw if raw > 0 else None}
+
+
 def markdown_table(result: dict) -> str:
     s, o = result["context_tokens"], result["continuation_tokens"]
     lines = []
@@ -220,6 +255,13 @@ def markdown_table(result: dict) -> str:
             [(r["condition"], f"{r['log_ppl']:.3f}", f"{r['positions']:.0f}",
               "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%") for r in result["rows"]])
         lines.append("")
+        c = content_summary(result["rows"])
+        if c:
+            share = "" if c["share"] is None else f"; the vectors carry {100 * c['share']:.0f}% of it"
+            lines += [f"*Content*, what a window's own context gives over another window's: compressed "
+                      f"({c['treatment']}) {100 * c['compressed']:.0f} points ({c['compressed_nats']:+.3f} ± "
+                      f"{c['compressed_nats_se']:.3f} nats per token, paired over the windows); raw tokens "
+                      f"{100 * c['raw']:.0f} points{share}.", ""]
     if result.get("qa"):
         lines += ["Held-out RAG QA (SFT format): log-perplexity of the answer; *recovered* = (no passages - row) / "
                   "(no passages - raw passages); *gain* = no passages - row, paired over the same answers "

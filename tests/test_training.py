@@ -933,6 +933,45 @@ def test_training_curves_plot_a_group_missing_at_some_steps(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_command_on_a_domain_without_questions(trained, tmp_path):
+    """``refrag-train eval --data DIR`` where ``prepare`` wrote an empty ``qa_heldout.jsonl`` (a
+    domain with no QA set): Table 1 alone, not an error."""
+    from refrag_train.cli import main
+    from refrag_train.data import write_jsonl
+
+    data = tmp_path / "data"
+    write_jsonl(data / "heldout.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(_corpus_texts())])
+    (data / "qa_heldout.jsonl").write_text("")
+    main(["eval", "--config", "tiny", "--data", str(data), "--checkpoint", str(trained[0]),
+          "--out", str(tmp_path / "eval"), "--set", "eval.probe_windows=0"])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["rows"] and "qa" not in result
+
+
+def test_content_summary_by_hand():
+    """Compressed content (REFRAG-k over its another-window control) beside raw content (full
+    context over another window's tokens), and the share of the raw one the vectors carry."""
+    from refrag_train.evaluate import content_summary, markdown_table
+
+    def row(name, recovered, per_window):
+        return {"condition": name, "gap_recovered": recovered, "per_window": per_window, "positions": 1,
+                "log_ppl": sum(per_window) / len(per_window)}
+
+    rows = [row("No context", 0.0, [4.0, 4.0]), row("Full context", 1.0, [3.0, 3.0]),
+            row("REFRAG16", 0.3, [3.6, 3.8]), row("REFRAG16, another window's chunks (control)", 0.1, [3.8, 3.9]),
+            row("Full context, another window's tokens (control)", 0.6, [3.4, 3.4])]
+    c = content_summary(rows)
+    assert c["treatment"] == "REFRAG16"
+    assert c["compressed"] == pytest.approx(0.2) and c["raw"] == pytest.approx(0.4)
+    assert c["share"] == pytest.approx(0.5)
+    assert c["compressed_nats"] == pytest.approx(0.15) and c["compressed_nats_se"] == pytest.approx(0.05)
+    assert content_summary(rows[:4]) is None  # no raw control: nothing to read the content against
+    md = markdown_table({"rows": rows, "context_tokens": 256, "continuation_tokens": 64, "scored_tokens": 63,
+                         "num_windows": 2, "num_heldout_docs": 2})
+    assert "compressed (REFRAG16) 20 points (+0.150 ± 0.050 nats" in md
+    assert "raw tokens 40 points; the vectors carry 50% of it" in md
+
+
 def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
     """``python -m refrag_train.compare_arms RUN CONTROL``: each condition's RUN − CONTROL over the
     same questions, "better" meaning a lower log-PPL and a higher content recall."""
