@@ -17,6 +17,9 @@ puts its first input at the decoder's attention sink:
 * the control's chunks but the window's own last one: how much of the content sits in
   the chunk the continuation starts from.
 
+Table 1 ends with its content line (:func:`content_summary`): what the window's own chunks
+give over another window's, beside what its own raw tokens give over another window's.
+
 An optional second table scores held-out RAG QA answers (the SFT format) with no
 passages, compressed passages, raw passages and the control, another question's passages
 compressed; ``num_windows = 0`` leaves Table 1 out.  Scoring goes through the shared
@@ -209,14 +212,23 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
 RAW_CONTROL = "Full context, another window's tokens (control)"
 
 
+def content_conditions(conditions) -> tuple[str, str] | None:
+    """``(treatment, control)``: the names of REFRAG-k and its another-window control among
+    ``conditions``; ``None`` without the control."""
+    for control in conditions:
+        if control.endswith("another window's chunks (control)"):
+            return control.split(",")[0], control
+    return None
+
+
 def window_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
     """``{"content (control − REFRAG-k)": per window}``: another window's chunks minus the
     window's own, in nats (higher: the chunks carry more); ``{}`` without the control row."""
-    for control in rows:
-        if control.endswith("another window's chunks (control)"):
-            treatment = control.split(",")[0]
-            return {f"content (control − {treatment})": [c - t for c, t in zip(rows[control], rows[treatment])]}
-    return {}
+    names = content_conditions(rows)
+    if names is None:
+        return {}
+    treatment, control = names
+    return {f"content (control − {treatment})": [c - t for c, t in zip(rows[control], rows[treatment])]}
 
 
 def content_summary(rows: list[dict]) -> dict | None:
@@ -229,10 +241,10 @@ def content_summary(rows: list[dict]) -> dict | None:
     of that little the vectors carry. ``None`` without the control rows."""
     per_window = {r["condition"]: r["per_window"] for r in rows}
     recovered = {r["condition"]: r["gap_recovered"] for r in rows}
-    control = next((c for c in recovered if c.endswith("another window's chunks (control)")), None)
-    if control is None or RAW_CONTROL not in recovered or None in recovered.values():
+    names = content_conditions(recovered)
+    if names is None or RAW_CONTROL not in recovered or None in recovered.values():
         return None
-    treatment = control.split(",")[0]
+    treatment, control = names
     d = paired_difference(per_window[control], per_window[treatment])
     compressed = recovered[treatment] - recovered[control]
     raw = recovered["Full context"] - recovered[RAW_CONTROL]
