@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="data/python-docs")
     p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide", "kjv"), default="python-docs",
                    help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
-                        "extra training prose or held-out software documentation; fortunes: general English (apt-get install fortunes), "
-                        "extra training prose; gcide: English dictionary prose (apt-get install "
-                        "dict-gcide), evaluation only; kjv: the King James Bible's narrative prose "
-                        "(apt-get install bible-kjv), evaluation only")
+                        "extra training prose or held-out software documentation; fortunes: general "
+                        "English (apt-get install fortunes), extra training prose; gcide: English "
+                        "dictionary prose (apt-get install dict-gcide), evaluation only; kjv: the King "
+                        "James Bible's narrative prose (apt-get install bible-kjv), evaluation only")
     p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
                                                   "or with --domain gcide/fortunes their data folder, "
                                                   "or with --domain kjv a file of `bible -l1000 Gen1:1-Rev22:21` output")
