@@ -231,8 +231,9 @@ def cmd_recipe(args) -> None:
         from refrag_vllm.delta import SHIPPED_DELTA
 
         ship = copy_delta(run_dir / "delta", SHIPPED_DELTA)
-        for name in ("eval.md", "eval.json", "training_curves.png"):
-            shutil.copy2(run_dir / "eval" / name, ship / name)
+        for name in ("eval.md", "eval.json", "training_curves.png", "content_by_position.png"):
+            if (run_dir / "eval" / name).exists():  # the plot needs Table 1 with its controls
+                shutil.copy2(run_dir / "eval" / name, ship / name)
         shutil.copy2(run_dir / "timing.json", ship / "timing.json")
         print(f"shipped delta to {ship}")
 

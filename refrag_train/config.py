@@ -183,13 +183,16 @@ class CPTConfig:
     positions_per_batch: int = 640
     """Decoder positions per step: ``n + o + expanded`` per sample."""
     train_encoder: bool = True
-    """Train the encoder's LoRA; the projector always learns."""
+    """Train the encoder's LoRA."""
+    train_projector: bool = True
+    """Train the projector (false: the vectors stay as the reading stages left them, and only
+    the decoder learns to use them)."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """The "n x k" contexts and how their share moves over the stage."""
     continuation_tokens: int = 64
     """o: tokens predicted after the compressed context."""
     train_decoder: bool = True
-    """Train the decoder's LoRA (else only encoder LoRA + projector)."""
+    """Train the decoder's LoRA."""
     decoder_lr_scale: float = 1.0
     """The decoder's LoRA learns at this share of ``lr`` (the projector and the encoder's
     LoRA at ``lr`` itself)."""
@@ -254,9 +257,11 @@ class SFTConfig:
     batch_size: int = 4
     """QA examples per step."""
     train_decoder: bool = True
-    """Train the decoder's LoRA; the projector always learns."""
+    """Train the decoder's LoRA."""
     train_encoder: bool = True
     """Train the encoder's LoRA."""
+    train_projector: bool = True
+    """Train the projector."""
     replay_batch_size: int = 0
     """CPT samples added to every step (``replay_chunks`` chunks of ``run.default_chunk_size``,
     then ``cpt.continuation_tokens`` to predict); their mean loss is added to the QA loss, so

@@ -9,7 +9,8 @@ samples (``plain_fraction``) have no context, so the decoder keeps its plain lan
 modelling.  With ``distill_weight``, the next-paragraph samples learn the base
 decoder's next-token distributions after the same context as raw tokens (KL), instead
 of the corpus's one next token.  The encoder
-LoRA, the projector and (with ``train_decoder``) the decoder's LoRA learn.
+LoRA (with ``train_encoder``), the projector (unless ``train_projector`` is false) and the
+decoder's LoRA (with ``train_decoder``) learn.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     c = model.cfg.cpt
     steps = plan(model)
-    groups = (["projector"] + ([DECODER_LORA] if c.train_decoder else [])
+    groups = ((["projector"] if c.train_projector else []) + ([DECODER_LORA] if c.train_decoder else [])
               + ([ENCODER_LORA] if c.train_encoder else []))
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup,
                   lr_scales={DECODER_LORA: c.decoder_lr_scale}, use_mlflow=use_mlflow)

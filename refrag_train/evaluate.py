@@ -18,7 +18,10 @@ puts its first input at the decoder's attention sink:
   the chunk the continuation starts from.
 
 Table 1 ends with its content line (:func:`content_summary`): what the window's own chunks
-give over another window's, beside what its own raw tokens give over another window's.
+give over another window's, beside what its own raw tokens give over another window's; then
+the same by where the scored token sits in the continuation (:func:`content_by_position`,
+plotted in ``content_by_position.png``): the first tokens continue the context's last words,
+the later ones its subject and style.
 
 An optional second table scores held-out RAG QA answers (the SFT format) with no
 passages, compressed passages, raw passages and the control, another question's passages
@@ -45,15 +48,20 @@ from .qa_generation import paired_difference
 from .samples import Sample, TokenCorpus, context_sample, lm_sample, random_expansion, split_chunks
 
 
-def score_samples(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
-    """Mean NLL per sample."""
+def score_tokens(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[list[float]]:
+    """Each sample's NLL of each target token, ``[[num_targets]]``."""
     out = []
     with torch.no_grad():
         for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
             batch = samples[i : i + batch_size]
             lps = model.target_logprobs([s.prompt for s in batch], [s.num_targets for s in batch])
-            out += [float(-lp.mean()) for lp in lps]
+            out += [(-lp).tolist() for lp in lps]
     return out
+
+
+def score_samples(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[float]:
+    """Mean NLL per sample."""
+    return [sum(t) / len(t) for t in score_tokens(model, samples, batch_size, desc)]
 
 
 def _positions(sample: Sample) -> int:
@@ -185,9 +193,11 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
         conds, result["expanded_chunks"] = lm_conditions(model, tokenizer, windows, cfg, seed)
         rows = result["rows"]
         for name, samples in conds.items():
-            nll = score_samples(model, samples, batch_size, name)
+            per_token = score_tokens(model, samples, batch_size, name)  # every window scores o - 1 tokens
+            nll = [sum(t) / len(t) for t in per_token]
             rows.append({"condition": name, "log_ppl": sum(nll) / len(nll),
-                         "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll})
+                         "positions": sum(map(_positions, samples)) / len(samples), "per_window": nll,
+                         "per_position": [sum(col) / len(col) for col in zip(*per_token)]})
         by = {r["condition"]: r["log_ppl"] for r in rows}
         gap = by["No context"] - by["Full context"]
         for r in rows:
@@ -206,6 +216,10 @@ def evaluate(checkpoint: str | Path, heldout_texts: list[str], cfg: EvalConfig, 
                                         num_windows=cfg.probe_windows, seed=seed)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "eval.md").write_text(markdown_table(result))
+    if content_by_position(result["rows"]):
+        from .plots import plot_content_by_position
+
+        plot_content_by_position(result, out / "content_by_position.png")
     return result
 
 
@@ -252,6 +266,37 @@ def content_summary(rows: list[dict]) -> dict | None:
             "raw": raw, "share": compressed / raw if raw > 0 else None}
 
 
+POSITION_SPANS = ((1, 4), (5, 16), (17, None))
+"""Spans of the continuation's scored tokens, 1-based and inclusive (None: to the last)."""
+
+
+def content_by_position(rows: list[dict], spans=POSITION_SPANS) -> list[dict]:
+    """:func:`content_summary` by where the scored token sits, in nats per token averaged over the
+    span's tokens and the windows: ``gap`` (no context − full context), ``compressed`` (control −
+    REFRAG-k), ``raw`` (another window's tokens − full context) and ``share`` (compressed / raw).
+    ``[]`` without the rows or their ``per_position``."""
+    curves = {r["condition"]: r.get("per_position") for r in rows}
+    names = content_conditions(curves)
+    needed = ("No context", "Full context", RAW_CONTROL)
+    if names is None or any(curves.get(n) is None for n in (*needed, *names)):
+        return []
+    treatment, control = names
+
+    out = []
+    scored = len(curves["Full context"])
+    for first, last in spans:
+        last = scored if last is None else min(last, scored)
+        if first > last:
+            continue
+        mean = {name: sum(curves[name][first - 1 : last]) / (last - first + 1)
+                for name in (*needed, *names)}
+        compressed = mean[control] - mean[treatment]
+        raw = mean[RAW_CONTROL] - mean["Full context"]
+        out.append({"tokens": f"{first}–{last}", "gap": mean["No context"] - mean["Full context"],
+                    "compressed": compressed, "raw": raw, "share": compressed / raw if raw > 0 else None})
+    return out
+
+
 def markdown_table(result: dict) -> str:
     s, o = result["context_tokens"], result["continuation_tokens"]
     lines = []
@@ -274,6 +319,16 @@ def markdown_table(result: dict) -> str:
                       f"({c['treatment']}) {100 * c['compressed']:.0f} points ({c['compressed_nats']:+.3f} ± "
                       f"{c['compressed_nats_se']:.3f} nats per token, paired over the windows); raw tokens "
                       f"{100 * c['raw']:.0f} points{share}.", ""]
+        spans = content_by_position(result["rows"])
+        if spans:
+            lines += ["The same by where the scored token sits in the continuation (nats per token; "
+                      "`content_by_position.png` plots every token):", ""]
+            lines += table_lines(
+                ["continuation tokens", "no context − full context", "content, compressed", "content, raw tokens",
+                 "share"],
+                [(p["tokens"], f"{p['gap']:.3f}", f"{p['compressed']:+.3f}", f"{p['raw']:+.3f}",
+                  "" if p["share"] is None else f"{100 * p['share']:.0f}%") for p in spans])
+            lines.append("")
     if result.get("qa"):
         lines += ["Held-out RAG QA (SFT format): log-perplexity of the answer; *recovered* = (no passages - row) / "
                   "(no passages - raw passages); *gain* = no passages - row, paired over the same answers "

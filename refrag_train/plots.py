@@ -1,4 +1,5 @@
-"""Training curves: one panel per stage, from each stage's ``metrics.jsonl``."""
+"""Training curves (one panel per stage, from each stage's ``metrics.jsonl``), and where in a
+continuation the context helps (from an evaluation's ``eval.json``)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,28 @@ import json
 from pathlib import Path
 
 
-def plot_training(run_dir: str | Path, out_png: str | Path, stages=None) -> Path:
-    """``stages``: the panels, in order (default: every stage of the recipe)."""
+def _pyplot():
     import matplotlib
-
-    from .config import STAGES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    _pyplot().close(fig)
+    return out_png
+
+
+def plot_training(run_dir: str | Path, out_png: str | Path, stages=None) -> Path:
+    """``stages``: the panels, in order (default: every stage of the recipe)."""
+    from .config import STAGES
+
+    plt = _pyplot()
     run_dir = Path(run_dir)
     present = [s for s in stages or STAGES if (run_dir / s / "metrics.jsonl").exists()]
     if not present:
@@ -41,8 +55,30 @@ def plot_training(run_dir: str | Path, out_png: str | Path, stages=None) -> Path
         ax.set_xlabel("step")
         ax.set_ylabel("reward (-log-PPL)" if key == "reward" else "loss (nats/token)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
+
+
+def plot_content_by_position(result: dict, out_png: str | Path) -> Path:
+    """Table 1 by continuation token: what each context gives over no context at every scored
+    token (nats), for the window's own context and another window's, raw and compressed. The
+    space between a solid line and its dashed control is that context's content.  ``result``: an
+    ``eval.json`` whose rows hold ``per_position``."""
+    from .evaluate import RAW_CONTROL, content_conditions
+
+    plt = _pyplot()
+    curves = {r["condition"]: r["per_position"] for r in result["rows"] if r.get("per_position")}
+    treatment, control = content_conditions(curves)
+    none = curves["No context"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, color, style in (("Full context", "C0", "-"), (RAW_CONTROL, "C0", "--"),
+                               (treatment, "C3", "-"), (control, "C3", "--")):
+        tokens = range(1, len(none) + 1)
+        ax.plot(tokens, [n - v for n, v in zip(none, curves[name])], style, color=color, lw=1.4, label=name)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("continuation token (after the first, which every condition is given)")
+    ax.set_ylabel("nats gained over no context")
+    ax.set_title(f"{result['num_windows']} held-out windows, s={result['context_tokens']}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out_png)

@@ -774,6 +774,11 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     assert own_last["positions"] == by["REFRAG4"]["positions"]
     assert own_last["per_window"] != by["REFRAG4, another window's chunks (control)"]["per_window"]
     assert all(math.isfinite(r["log_ppl"]) for r in result["rows"])
+    # Each row's mean NLL at each continuation token over the windows; its mean is the row's log-PPL.
+    for r in result["rows"]:
+        assert len(r["per_position"]) == result["scored_tokens"]
+        assert sum(r["per_position"]) / len(r["per_position"]) == pytest.approx(r["log_ppl"])
+    assert (tmp_path / "content_by_position.png").stat().st_size > 0
     qa = {q["condition"]: q for q in result["qa"]}
     assert list(qa) == ["No passages", "Compressed passages", "Raw passages",
                         "Compressed, another question's passages (control)"]
@@ -972,6 +977,27 @@ def test_content_summary_by_hand():
     assert "raw tokens 40 points; the vectors carry 50% of it" in md
 
 
+def test_content_by_position_by_hand():
+    """The content line by where the scored token sits: each span's mean over its tokens."""
+    from refrag_train.evaluate import content_by_position, markdown_table
+
+    curves = {"No context": [6.0, 4.0, 3.0, 3.0], "Full context": [2.0, 2.0, 2.0, 2.0],
+              "REFRAG16": [4.0, 3.0, 2.8, 2.8], "REFRAG16, another window's chunks (control)": [5.0, 3.5, 2.9, 2.9],
+              "Full context, another window's tokens (control)": [6.0, 3.0, 2.5, 2.5]}
+    rows = [{"condition": n, "per_position": c, "per_window": [sum(c) / 4], "log_ppl": sum(c) / 4,
+             "positions": 1, "gap_recovered": (4.0 - sum(c) / 4) / 2.0} for n, c in curves.items()]
+    first, rest = content_by_position(rows, spans=((1, 1), (2, None)))
+    assert first["tokens"] == "1–1" and first["gap"] == pytest.approx(4.0)
+    assert first["compressed"] == pytest.approx(1.0) and first["raw"] == pytest.approx(4.0)
+    assert first["share"] == pytest.approx(0.25)
+    assert rest["tokens"] == "2–4" and rest["compressed"] == pytest.approx((0.5 + 0.1 + 0.1) / 3)
+    assert rest["raw"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert content_by_position(rows[:4]) == []  # no raw control
+    md = markdown_table({"rows": rows, "context_tokens": 256, "continuation_tokens": 5, "scored_tokens": 4,
+                         "num_windows": 1, "num_heldout_docs": 1})
+    assert "| 1–4 | 2.000 | +0.425 | +1.500 | 28% |" in md  # the default spans, cut at the last token
+
+
 def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
     """``python -m refrag_train.compare_arms RUN CONTROL``: each condition's RUN − CONTROL over the
     same questions, "better" meaning a lower log-PPL and a higher content recall."""
@@ -1023,17 +1049,22 @@ def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
     assert content["mean"] == pytest.approx(0.1) and (content["better"], content["worse"]) == (1, 1)
 
 
-def test_cpt_decoder_lr_scale_sets_the_decoder_loras_share_of_the_lr(tiny_cfg, base_ckpt, tmp_path):
-    """``cpt.decoder_lr_scale = 0``: the projector learns, the decoder's LoRA does not move."""
+@pytest.mark.parametrize("change, frozen, learning", [
+    ({"decoder_lr_scale": 0.0}, "decoder", "projector"),  # the decoder's LoRA at no share of the lr
+    ({"train_projector": False}, "projector", "decoder"),  # the vectors stay as reading left them
+])
+def test_cpt_trains_the_groups_it_is_told_to(tiny_cfg, base_ckpt, tmp_path, change, frozen, learning):
+    """``cpt.decoder_lr_scale = 0`` freezes the decoder's LoRA, ``cpt.train_projector = false`` the
+    projector; the other one learns."""
     import dataclasses
 
     from refrag_train import cpt
 
-    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, train_decoder=True, decoder_lr_scale=0.0))
+    cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, train_decoder=True, **change))
     model = _model(cfg, base_ckpt)
     groups = model.named_groups()
     before = {g: [p.detach().clone() for _, p in groups[g]] for g in ("decoder", "projector")}
     cpt.train_cpt(model, _corpus(model), tmp_path)
     groups = model.named_groups()
-    assert before["decoder"] and all(torch.equal(a, p) for a, (_, p) in zip(before["decoder"], groups["decoder"]))
-    assert any(not torch.equal(a, p) for a, (_, p) in zip(before["projector"], groups["projector"]))
+    assert before[frozen] and all(torch.equal(a, p) for a, (_, p) in zip(before[frozen], groups[frozen]))
+    assert any(not torch.equal(a, p) for a, (_, p) in zip(before[learning], groups[learning]))
