@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from .curriculum import curriculum_batches
-from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
+from .model import DECODER_LORA, TrainingModel, learning_groups
 from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample
 from .trainer import Stage, distill_loss, nll_loss, step_rng
 
@@ -80,8 +80,7 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     c = model.cfg.cpt
     steps = plan(model)
-    groups = ((["projector"] if c.train_projector else []) + ([DECODER_LORA] if c.train_decoder else [])
-              + ([ENCODER_LORA] if c.train_encoder else []))
+    groups = learning_groups(c)
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup,
                   lr_scales={DECODER_LORA: c.decoder_lr_scale}, use_mlflow=use_mlflow)
     teacher = model.frozen_copy(None).refrag if c.distill_weight else None  # the base decoder

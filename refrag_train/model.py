@@ -33,6 +33,13 @@ DECODER_LORA = "decoder"
 ENCODER_LORA = "encoder"
 
 
+def learning_groups(stage_cfg) -> list[str]:
+    """The groups a stage trains, from its ``train_projector``, ``train_decoder`` and
+    ``train_encoder`` flags (CPT's and SFT's tables)."""
+    return ((["projector"] if stage_cfg.train_projector else []) + ([DECODER_LORA] if stage_cfg.train_decoder else [])
+            + ([ENCODER_LORA] if stage_cfg.train_encoder else []))
+
+
 def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
     """The untrained REFRAG model and decoder tokenizer.
 

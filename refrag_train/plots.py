@@ -69,10 +69,10 @@ def plot_content_by_position(result: dict, out_png: str | Path) -> Path:
     curves = {r["condition"]: r["per_position"] for r in result["rows"] if r.get("per_position")}
     treatment, control = content_conditions(curves)
     none = curves["No context"]
+    tokens = range(1, len(none) + 1)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, color, style in (("Full context", "C0", "-"), (RAW_CONTROL, "C0", "--"),
                                (treatment, "C3", "-"), (control, "C3", "--")):
-        tokens = range(1, len(none) + 1)
         ax.plot(tokens, [n - v for n, v in zip(none, curves[name])], style, color=color, lw=1.4, label=name)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")

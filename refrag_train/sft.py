@@ -21,7 +21,7 @@ from pathlib import Path
 from refrag_vllm.prompt import RefragPromptBuilder
 
 from .cpt import next_paragraph_sample
-from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
+from .model import TrainingModel, learning_groups
 from .samples import TokenCorpus, qa_sample
 from .trainer import Stage, distill_loss, group_nll_losses, nll_loss, step_rng
 
@@ -79,8 +79,7 @@ def train_sft(model: TrainingModel, examples: list[dict], run_dir: Path, corpus:
     from_start = bool(sc.raw_distill) and sc.raw_distill_teacher == "start"
     if from_start and teacher_delta is None:
         raise ValueError("sft: raw_distill from the start needs the previous stage's weights")
-    groups = ((["projector"] if sc.train_projector else []) + ([DECODER_LORA] if sc.train_decoder else [])
-              + ([ENCODER_LORA] if sc.train_encoder else []))
+    groups = learning_groups(sc)
     stage = Stage(NAME, run_dir, model, groups, sc.steps, sc.lr, sc.warmup, use_mlflow=use_mlflow)
     start = model.frozen_copy(teacher_delta).refrag if sc.replay_distill or from_start else None
     raw_teacher = start if from_start else model.refrag
