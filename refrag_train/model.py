@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ def learning_groups(stage_cfg) -> list[str]:
     ``train_encoder`` flags (CPT's and SFT's tables)."""
     return ((["projector"] if stage_cfg.train_projector else []) + ([DECODER_LORA] if stage_cfg.train_decoder else [])
             + ([ENCODER_LORA] if stage_cfg.train_encoder else []))
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None where
+    ``/proc/cpuinfo`` does not tell. Without it, torch emulates bf16 matmuls, far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):
@@ -91,11 +102,50 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
     )
 
 
+def decoder_lora_scale(config: LoraConfig) -> float:
+    """alpha / r of the decoder's LoRA (the encoder's has its own, in the rank and alpha patterns)."""
+    return config.lora_alpha / config.r
+
+
+def grow_lora_rank(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
+                   saved_scale: float, scale: float) -> dict[str, torch.Tensor]:
+    """A saved decoder LoRA of rank r0 inside this model's rank r >= r0, as the same function.
+
+    ``lora_A`` (r, in): its first r0 rows are the saved ones, the rest keep this model's fresh
+    init; ``lora_B`` (out, r): its first r0 columns are the saved ones times
+    ``saved_scale / scale``, the rest zero. So B A * scale equals the saved B0 A0 * saved_scale,
+    and the new directions start learning from the first step. Tensors whose shapes match pass.
+    """
+    grown = {}
+    for name, tensor in saved.items():
+        target = current.get(name)
+        if target is None or target.shape == tensor.shape:
+            grown[name] = tensor
+            continue
+        if ".chunk_encoder." in name or "lora_" not in name:
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, this model's {tuple(target.shape)}")
+        if "lora_A" in name and tensor.shape[1:] == target.shape[1:] and tensor.shape[0] < target.shape[0]:
+            out = target.detach().clone().to(tensor.dtype)
+            out[: tensor.shape[0]] = tensor
+        elif "lora_B" in name and tensor.shape[:1] == target.shape[:1] and tensor.shape[1] < target.shape[1]:
+            out = torch.zeros(target.shape, dtype=tensor.dtype)
+            out[:, : tensor.shape[1]] = tensor * (saved_scale / scale)
+        else:
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} does not fit this model's "
+                             f"{tuple(target.shape)} (only a larger decoder rank can start from it)")
+        grown[name] = out
+    return grown
+
+
 class TrainingModel:
     """Holds the peft-wrapped reference model, the policy, and their trainable groups."""
 
     def __init__(self, cfg: TrainConfig, base_checkpoint: str | Path | None = None) -> None:
         torch.manual_seed(cfg.run.seed)
+        if cfg.run.dtype == "bfloat16" and cpu_has_native_bf16() is False:
+            warnings.warn("run.dtype = bfloat16 on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 "
+                          "matmuls here, far slower than float32 (--set run.dtype=float32 trains faster; "
+                          "the shipped timings are on a CPU with native bf16)", stacklevel=2)
         self.cfg = cfg
         self.base_checkpoint = base_checkpoint
         base, self.tokenizer = load_base(cfg, base_checkpoint)
@@ -175,9 +225,14 @@ class TrainingModel:
     def load_delta_weights(self, delta_dir: str | Path) -> None:
         """Load a saved delta's trainable weights into this (unmerged) model, to continue training.
 
-        Stage outputs are saved in fp32, so resuming continues bit for bit."""
+        Stage outputs are saved in fp32, so resuming continues bit for bit. A delta whose decoder
+        LoRA has a smaller rank than ``lora.decoder_rank`` grows into it (:func:`grow_lora_rank`)."""
         delta_dir = Path(delta_dir)
-        result = set_peft_model_state_dict(self.peft_model, load_file(str(delta_dir / ADAPTER_WEIGHTS)))
+        saved = load_file(str(delta_dir / ADAPTER_WEIGHTS))
+        saved = grow_lora_rank(saved, get_peft_model_state_dict(self.peft_model),
+                               decoder_lora_scale(LoraConfig.from_pretrained(str(delta_dir))),
+                               decoder_lora_scale(self.lora_config))
+        result = set_peft_model_state_dict(self.peft_model, saved)
         if result.unexpected_keys:
             raise ValueError(f"{delta_dir}: unexpected LoRA weights {result.unexpected_keys[:3]}")
         heads = load_file(str(delta_dir / HEADS))

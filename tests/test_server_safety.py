@@ -169,9 +169,11 @@ while True:
 
 def test_oversized_body_is_refused_fast_and_others_are_unaffected(client, server_url, tmp_path):
     """A 50 MB chat body, sent by another client process, gets a 413 within 2 s, before vLLM
-    parses it; a good request running beside it takes less than 1.5x as long as alone (medians
-    of seven, interleaved). Printed beside it: the same body sent to a process that only drops
-    it, the floor any server reading the body pays on this machine."""
+    parses it; a good request running beside it takes less than 1.5x as long as it does beside
+    the same body sent to a process that only drops it, the floor any server reading the body pays
+    on this machine (or alone, where that is longer; medians of seven, interleaved). The floor is
+    the control for what the sending process itself costs a small machine, which is not the
+    server's doing."""
     import json
 
     assert "--middleware" in readme_serve_flags()
@@ -207,7 +209,7 @@ def test_oversized_body_is_refused_fast_and_others_are_unaffected(client, server
     alone, beside, floor = (sorted(x)[3] for x in (alone, beside, floor))
     print(f"good request alone {alone:.3f} s; beside a 50 MB body sent to the server {beside:.3f} s "
           f"({beside / alone:.2f}x), sent to a process that only drops it {floor:.3f} s ({floor / alone:.2f}x)")
-    assert beside < 1.5 * alone
+    assert beside < 1.5 * max(alone, floor)
 
 
 def test_oversized_chunked_body_is_refused(client, server_url):

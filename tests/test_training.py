@@ -656,6 +656,58 @@ def test_init_continues_a_finished_stage_in_a_new_run(trained, tiny_cfg, base_ck
     assert seed_one != batch_ids()
 
 
+def test_a_larger_decoder_rank_starts_from_a_smaller_ranks_weights(trained, tiny_cfg, base_ckpt):
+    """``--set lora.decoder_rank=R --init STAGE_FINAL`` with R above the saved rank: the grown
+    adapter computes what the saved one did, and its new directions learn; a smaller R is refused."""
+    from refrag_train import reading
+    from refrag_train.data import read_jsonl
+    from refrag_train.samples import TokenCorpus
+    from refrag_train.trainer import nll_loss
+
+    run = trained[1].parent
+    init = run / "reading" / "final"
+    saved = _model(tiny_cfg, base_ckpt)
+    saved.load_delta_weights(init)
+    corpus = TokenCorpus.from_texts([d["text"] for d in read_jsonl(run.parent / "data" / "train.jsonl")],
+                                    saved.tokenizer)
+    batch = reading.make_batch(saved, corpus, 0)
+    r = tiny_cfg.lora.decoder_rank
+    for alpha in (tiny_cfg.lora.decoder_alpha, 4 * tiny_cfg.lora.decoder_alpha):  # any scale alpha / r
+        cfg = copy.deepcopy(tiny_cfg)
+        cfg.lora.decoder_rank, cfg.lora.decoder_alpha = 4 * r, alpha
+        grown = _model(cfg, base_ckpt)
+        grown.load_delta_weights(init)
+        assert _loss_on(grown, batch) == pytest.approx(_loss_on(saved, batch), rel=1e-5)
+        b = next(p for n, p in grown.peft_model.named_parameters() if "lora_B" in n and ".chunk_encoder." not in n)
+        assert b.shape[1] == 4 * r and b[:, r:].abs().max() == 0  # the new directions start at zero
+    grown.trainable(["decoder"])
+    nll_loss(grown.refrag, batch).backward()
+    b = next(p for n, p in grown.peft_model.named_parameters() if "lora_B" in n and ".chunk_encoder." not in n)
+    assert b.grad[:, r:].abs().max() > 0  # and the new directions learn
+    smaller = copy.deepcopy(tiny_cfg)
+    smaller.lora.decoder_rank = max(1, r // 2)
+    with pytest.raises(ValueError, match="only a larger decoder rank"):
+        _model(smaller, base_ckpt).load_delta_weights(init)
+
+
+def test_bf16_training_on_a_cpu_without_native_bf16_says_so(tiny_cfg, base_ckpt, monkeypatch):
+    import warnings
+
+    from refrag_train import model as training_model
+
+    assert isinstance(training_model.cpu_has_native_bf16(), bool)  # Linux: read from /proc/cpuinfo
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.run.dtype = "bfloat16"
+    monkeypatch.setattr(training_model, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="run.dtype=float32 trains faster"):
+        _model(cfg, base_ckpt)
+    monkeypatch.setattr(training_model, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _model(cfg, base_ckpt)
+    assert not [w for w in caught if "AVX-512 BF16" in str(w.message)]
+
+
 def test_extra_train_stages_must_name_stages(tiny_cfg, tmp_path):
     from refrag_train.cli import train_stages
 
