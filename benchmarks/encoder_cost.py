@@ -14,14 +14,14 @@ text path pays it on every request (``benchmarks.ttft`` measures the whole TTFT)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from refrag_vllm.markdown import table_lines
+
+from .options import write_result
 
 ENCODERS = ("minilm", "decoder-layers:4", "decoder-layers:8")
 
@@ -83,11 +83,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = measure(total_tokens=args.tokens, repeats=args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "encoder_cost.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, "encoder_cost", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 
@@ -57,3 +58,12 @@ def run_log(out: Path):
         log_file.flush()
 
     return log
+
+
+def write_result(out: str | Path, name: str, result: dict, markdown: str) -> None:
+    """``out/name.json`` and ``out/name.md`` (``out`` is created); the markdown is printed too."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

@@ -13,7 +13,7 @@ import time
 from vllm import LLM, SamplingParams
 
 from refrag_vllm import RefragPromptBuilder
-from refrag_vllm.engine import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+from refrag_vllm.engine import DEFAULT_CHECKPOINT, ensure_default_checkpoint, serving_dtype
 
 MODULES = ["json", "csv", "pathlib", "shutil", "heapq", "textwrap", "uuid", "zipfile"]
 
@@ -33,7 +33,7 @@ def main() -> None:
     builder = RefragPromptBuilder.from_pretrained(model)
     questions = [f"What is the {m} module for?" for m in MODULES]
     prompts = [builder.build(q, passages_of(m)) for q, m in zip(questions, MODULES)]
-    llm = LLM(model=str(model), max_model_len=8192, dtype="bfloat16", enforce_eager=True,
+    llm = LLM(model=str(model), max_model_len=8192, dtype=serving_dtype(), enforce_eager=True,
               kv_cache_memory_bytes=2 << 30)  # a fixed KV cache starts on a busy machine
     start = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0.0))

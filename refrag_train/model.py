@@ -25,6 +25,7 @@ from refrag_vllm.checkpoint import assemble_model, set_refrag_config
 from refrag_vllm.config import PolicyConfig
 from refrag_vllm.delta import ADAPTER_WEIGHTS, HEADS, apply_delta, save_delta
 from refrag_vllm.embedder import strip_prefix
+from refrag_vllm.engine import cpu_has_native_bf16
 from refrag_vllm.expansion_policy import ExpansionPolicy
 from refrag_vllm.reference import RefragReferenceModel
 
@@ -39,16 +40,6 @@ def learning_groups(stage_cfg) -> list[str]:
     ``train_encoder`` flags (CPT's and SFT's tables)."""
     return ((["projector"] if stage_cfg.train_projector else []) + ([DECODER_LORA] if stage_cfg.train_decoder else [])
             + ([ENCODER_LORA] if stage_cfg.train_encoder else []))
-
-
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None where
-    ``/proc/cpuinfo`` does not tell. Without it, torch emulates bf16 matmuls, far slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_base(cfg: TrainConfig, base_checkpoint: str | Path | None = None):

@@ -31,6 +31,7 @@ import math
 import re
 from pathlib import Path
 
+from refrag_vllm.engine import DTYPES
 from refrag_vllm.markdown import table_lines
 
 from .data import read_jsonl
@@ -122,17 +123,21 @@ def answer_and_score(llm, builder, examples: list[dict], max_tokens: int = 48) -
     return rows, records
 
 
-def run(checkpoint: str, data: str | Path, out: str | Path, *, num: int = 200, max_tokens: int = 48) -> dict:
+def run(checkpoint: str, data: str | Path, out: str | Path, *, num: int = 200, max_tokens: int = 48,
+        dtype: str | None = None) -> dict:
+    """``dtype``: the engine's (default: ``refrag_vllm.engine.serving_dtype``); greedy answers
+    can differ between dtypes, so the result records it."""
     from refrag_vllm import RefragPromptBuilder
-    from refrag_vllm.engine import make_llm
+    from refrag_vllm.engine import make_llm, serving_dtype
 
     path = Path(data)
     examples = read_jsonl(path / "qa_heldout.jsonl" if path.is_dir() else path,
                           required=("question", "answer", "passages"))[:num]
     builder = RefragPromptBuilder.from_pretrained(checkpoint)
-    rows, records = answer_and_score(make_llm(checkpoint), builder, examples, max_tokens)
+    dtype = dtype or serving_dtype()
+    rows, records = answer_and_score(make_llm(checkpoint, dtype=dtype), builder, examples, max_tokens)
     result = {"checkpoint": str(checkpoint), "data": str(data), "num_questions": len(examples),
-              "max_tokens": max_tokens, "rows": rows}
+              "max_tokens": max_tokens, "dtype": dtype, "rows": rows}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -142,8 +147,9 @@ def run(checkpoint: str, data: str | Path, out: str | Path, *, num: int = 200, m
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Greedy answers to {result['num_questions']} held-out questions ({result['data']}); content recall = "
-             "share of the reference answer's content words in the answer.", ""]
+    lines = [f"Greedy answers to {result['num_questions']} held-out questions ({result['data']}; engine in "
+             f"{result.get('dtype', 'bfloat16')}); content recall = share of the reference answer's content words "
+             "in the answer.", ""]
 
     def versus(r):
         if r["condition"] == CONDITIONS[0]:
@@ -169,8 +175,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--dtype", choices=DTYPES, help="the engine's dtype (default: bfloat16, or float32 on a CPU "
+                   "without native bf16); the shipped numbers are bfloat16's")
     args = p.parse_args()
-    print(markdown(run(args.checkpoint, args.data, args.out, num=args.num, max_tokens=args.max_tokens)))
+    print(markdown(run(args.checkpoint, args.data, args.out, num=args.num, max_tokens=args.max_tokens,
+                       dtype=args.dtype)))
 
 
 if __name__ == "__main__":

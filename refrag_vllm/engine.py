@@ -3,17 +3,39 @@
 * :func:`build_checkpoint`: a REFRAG checkpoint folder (``refrag-vllm build``);
 * :func:`ensure_default_checkpoint`: the default one, rebuilt when the shipped trained
   weights change;
-* :func:`make_llm`: a ``vllm.LLM`` with a fixed KV cache.
+* :func:`make_llm`: a ``vllm.LLM`` with a fixed KV cache, in :func:`serving_dtype`.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path("checkpoints/refrag-smollm2-k16")
 BUILT_FROM = "refrag_built_from.json"  # in a built checkpoint: the delta it applied, and its fingerprint
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this x86 CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None on other
+    architectures. Without it, torch emulates bf16 matmuls, several times slower than fp32."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def serving_dtype() -> str:
+    """The dtype engines run in here: bfloat16, except on an x86 CPU without native bf16
+    (:func:`cpu_has_native_bf16`), where float32 prefills several times faster
+    (``benchmarks/dtype_cost.py``)."""
+    import torch
+
+    if torch.cuda.is_available() or cpu_has_native_bf16() is not False:
+        return "bfloat16"
+    return "float32"
 
 
 def default_delta(delta: str | None, no_delta: bool, custom_models: bool) -> Path | None:
@@ -113,11 +135,11 @@ size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) 
 
 def make_llm(model: str | Path, **engine_args):
     """An offline engine for this package's tools and examples (a fixed KV cache:
-    :data:`KV_CACHE_BYTES`).  Precomputed chunk vectors (the policy's, the index's) come
+    :data:`KV_CACHE_BYTES`; :func:`serving_dtype`).  Precomputed chunk vectors (the policy's, the index's) come
     from this process itself, so they are enabled (``enable_mm_embeds``).  ``engine_args``
     (vLLM's) override these defaults."""
     from vllm import LLM
 
-    defaults = dict(enforce_eager=True, max_model_len=8192, dtype="bfloat16",
+    defaults = dict(enforce_eager=True, max_model_len=8192, dtype=serving_dtype(),
                     kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
     return LLM(model=str(model), **(defaults | engine_args))

@@ -92,3 +92,30 @@ def test_summary_holds_the_headline_ratios(quick_results):
     label = f"{alone['encoder']['model_type']}_{alone['encoder']['num_hidden_layers']}_layers"
     assert encoder_summary(res, s) == {"encoder_engine_vs_standalone_rate": s["encoder_engine_vs_standalone_rate"],
                                        f"k16_text_cold_vs_ceiling_512_{label}": s["k16_text_cold_vs_ceiling_512"]}
+
+
+def test_quick_run_records_the_engines_dtype(quick_results):
+    from refrag_vllm.engine import serving_dtype
+
+    out, res = quick_results
+    assert res["config"]["dtype"] == serving_dtype()
+    assert f"{serving_dtype()}, KV cache" in (out / "results.md").read_text()
+
+
+def test_dtype_cost_table_reads_each_row_as_bf16_over_fp32(tmp_path):
+    from benchmarks.dtype_cost import markdown
+    from benchmarks.options import write_result
+
+    result = {"tokens": 2048, "train_tokens": 256, "config": "cpu", "repeats": 3,
+              "machine": {"machine": "x86_64", "threads": 2, "cpu_capability": "AVX2", "native_bf16": False,
+                          "serving_dtype": "float32"},
+              "serving": [{"dtype": d, "mode": m, "positions": 1, "ttft_s": t}
+                          for d, m, t in (("bfloat16", "vanilla", 4.0), ("float32", "vanilla", 1.0),
+                                          ("bfloat16", "refrag", 0.9), ("float32", "refrag", 0.3))],
+              "training": [{"dtype": "bfloat16", "step_s": 30.0}, {"dtype": "float32", "step_s": 1.5}]}
+    write_result(tmp_path, "dtype_cost", result, markdown(result))
+    assert json.loads((tmp_path / "dtype_cost.json").read_text()) == result
+    lines = (tmp_path / "dtype_cost.md").read_text().splitlines()
+    assert "`serving_dtype()` here: **float32**" in lines[0]
+    assert "| vanilla | 4.000 | 1.000 | 4.0× |" in lines and "| refrag | 0.900 | 0.300 | 3.0× |" in lines
+    assert "| training step | 30.00 | 1.50 | 20.0× |" in lines

@@ -193,3 +193,31 @@ def test_serve_takes_the_checkpoint_only_as_its_first_word():
     assert split_serve_args(["--port", "8123", "--max-model-len", "4096"]) == (
         None, ["--port", "8123", "--max-model-len", "4096"])
     assert split_serve_args([]) == (None, [])
+
+
+def test_serve_adds_its_defaults_only_where_not_given(monkeypatch):
+    from refrag_vllm.cli import with_serve_defaults
+    from refrag_vllm.engine import KV_CACHE_BYTES
+    from refrag_vllm.middleware import SIZE_LIMIT_MIDDLEWARE
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    defaults = ["--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--middleware", SIZE_LIMIT_MIDDLEWARE]
+    assert with_serve_defaults(["--port", "8123"], "bfloat16") == ["--port", "8123", *defaults]
+    assert with_serve_defaults([], "float32") == [*defaults, "--dtype", "float32"]
+    mine = ["--dtype=bfloat16", "--kv-cache-memory-bytes", "1G", "--middleware", SIZE_LIMIT_MIDDLEWARE]
+    assert with_serve_defaults(mine, "float32") == mine
+
+
+def test_engines_run_in_float32_only_on_a_cpu_without_native_bf16(monkeypatch):
+    import platform
+
+    import torch
+
+    from refrag_vllm import engine
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert isinstance(engine.cpu_has_native_bf16(), bool) if x86 else engine.cpu_has_native_bf16() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, dtype in ((True, "bfloat16"), (None, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
+        assert engine.serving_dtype() == dtype
