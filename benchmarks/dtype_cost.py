@@ -1,4 +1,4 @@
-"""What bf16 costs against fp32 on this CPU: serving prefill and a training step, side by side.
+"""What bf16 costs against fp32 on this CPU: serving, indexing and training, side by side.
 
     python -m benchmarks.dtype_cost --model CKPT --out benchmarks/results/dtype [--tokens 2048]
 
@@ -6,11 +6,13 @@ Serving: for each dtype, the TTFT benchmark's offline engine (``benchmarks.ttft`
 engine settings, eager) and its requests (fresh passages every time, so every prefill is
 cold): vanilla RAG, REFRAG with the encoder in the engine and REFRAG with cached vectors at
 k=16, ``--tokens`` context tokens each, TTFT median of ``--repeats`` after one warm-up each.
+Indexing: the two models ``refrag-vllm index`` runs, each in each dtype, over the same passages:
+the retriever's passage embeddings, and the checkpoint's encoder + projector over their chunks.
 Training: the recipe's model (``refrag_train.model.TrainingModel``, ``--config``) built in each
 ``run.dtype``, one forward and backward of the next-token loss over ``--train-tokens`` tokens
 with the groups CPT trains (the decoder's LoRA and the projector), median of ``--repeats``
-after one warm-up.  Engines run in ``refrag_vllm.engine.serving_dtype`` and training warns in
-bf16 where the CPU has no native bf16; this says what that choice is worth here.
+after one warm-up.  Engines and the index's models run in ``refrag_vllm.engine.serving_dtype``,
+and training warns in bf16, where the CPU has no native bf16; this says what that is worth here.
 """
 
 from __future__ import annotations
@@ -52,6 +54,35 @@ def measure_serving(model: str, tokens: int, repeats: int, k: int = 16) -> list[
     return rows
 
 
+def measure_index_models(model: str, tokens: int, repeats: int, k: int = 16) -> list[dict]:
+    """What ``refrag-vllm index`` computes per passage, in each dtype: the retriever's passage
+    embeddings and the checkpoint's encoder + projector over the passages' chunks."""
+    from refrag_vllm.embedder import ChunkEmbedder
+    from refrag_vllm.prompt import RefragPromptBuilder
+    from refrag_vllm.retrieval.index import Retriever
+
+    from .workload import PassageSource
+
+    builder = RefragPromptBuilder.from_pretrained(model)
+    passages = PassageSource(builder.tokenizer).passages(tokens)
+    chunks = [c for p in passages for c in builder.chunk_texts(p)]
+    rows = []
+    for dtype in DTYPES:
+        retriever = Retriever(dtype=dtype)
+        embedder = ChunkEmbedder.from_pretrained(model, dtype=getattr(torch, dtype))
+        for name, run in (("retriever", lambda: retriever.embed(passages)),
+                          ("encoder + projector", lambda: embedder.project(embedder.encode(chunks)))):
+            times = []
+            with torch.no_grad():
+                for i in range(repeats + 1):
+                    start = time.perf_counter()
+                    run()
+                    if i:
+                        times.append(time.perf_counter() - start)
+            rows.append({"dtype": dtype, "mode": name, "seconds": statistics.median(times)})
+    return rows
+
+
 def measure_training(config: str, tokens: int, repeats: int) -> list[dict]:
     from refrag_train.config import load_config
     from refrag_train.model import DECODER_LORA, TrainingModel
@@ -73,31 +104,30 @@ def measure_training(config: str, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
-def by_dtype(rows: list[dict], key: str) -> dict:
-    """``rows`` -> {group: {dtype: value}} with group the row's mode (or "step")."""
-    out: dict = {}
+def ratio_table(first: str, rows: list[dict], key: str, digits: int = 3) -> list[str]:
+    """One table row per mode (a training row has none: "training step"): its ``key`` in each
+    dtype, and bf16's over fp32's."""
+    by_mode: dict = {}
     for r in rows:
-        out.setdefault(r.get("mode", "training step"), {})[r["dtype"]] = r[key]
-    return out
+        by_mode.setdefault(r.get("mode", "training step"), {})[r["dtype"]] = r[key]
+    return table_lines([first, *DTYPES, "bf16 / fp32"],
+                       [(mode, *(f"{t[d]:.{digits}f}" for d in DTYPES), f"{t['bfloat16'] / t['float32']:.1f}×")
+                        for mode, t in by_mode.items()])
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"bf16 against fp32 on {m['machine']} (torch CPU capability {m['cpu_capability']}, native bf16: "
-             f"{m['native_bf16']}; {m['threads']} threads); `serving_dtype()` here: **{m['serving_dtype']}**.", "",
-             f"Serving, offline engine, batch 1, cold, {result['tokens']} context tokens (TTFT s, median of "
-             f"{result['repeats']}):", ""]
-    serving = by_dtype(result["serving"], "ttft_s")
-    lines += table_lines(["mode", *DTYPES, "bf16 / fp32"],
-                         [(mode, *(f"{t[d]:.3f}" for d in DTYPES), f"{t['bfloat16'] / t['float32']:.1f}×")
-                          for mode, t in serving.items()])
-    training = by_dtype(result["training"], "step_s")
-    lines += ["", f"Training, one forward + backward over {result['train_tokens']} tokens (`--config "
-              f"{result['config']}`, s, median of {result['repeats']}):", ""]
-    lines += table_lines(["", *DTYPES, "bf16 / fp32"],
-                         [(name, *(f"{t[d]:.2f}" for d in DTYPES), f"{t['bfloat16'] / t['float32']:.1f}×")
-                          for name, t in training.items()])
-    return "\n".join(lines) + "\n"
+    m, tokens, repeats = result["machine"], result["tokens"], result["repeats"]
+    return "\n".join([
+        f"bf16 against fp32 on {m['machine']} (torch CPU capability {m['cpu_capability']}, native bf16: "
+        f"{m['native_bf16']}; {m['threads']} threads); `serving_dtype()` here: **{m['serving_dtype']}**.", "",
+        f"Serving, offline engine, batch 1, cold, {tokens} context tokens (TTFT s, median of {repeats}):", "",
+        *ratio_table("mode", result["serving"], "ttft_s"), "",
+        f"Indexing, the models `refrag-vllm index` runs over the same {tokens} tokens of passages "
+        f"(s, median of {repeats}):", "",
+        *ratio_table("model", result["index"], "seconds"), "",
+        f"Training, one forward + backward over {result['train_tokens']} tokens (`--config {result['config']}`, "
+        f"s, median of {repeats}):", "",
+        *ratio_table("", result["training"], "step_s", digits=2)]) + "\n"
 
 
 def main() -> None:
@@ -119,6 +149,7 @@ def main() -> None:
                           "native_bf16": cpu_has_native_bf16(), "serving_dtype": serving_dtype()}}
     result["serving"] = measure_serving(args.model, args.tokens, args.repeats)
     torch.set_num_threads(args.threads)
+    result["index"] = measure_index_models(args.model, args.tokens, args.repeats)
     result["training"] = measure_training(args.config, args.train_tokens, args.repeats)
     write_result(args.out, "dtype_cost", result, markdown(result))
 

@@ -13,7 +13,7 @@ starts and one untimed index batch first:
 * ``encoder + projector``: :meth:`ChunkEmbedder.embed` alone over the same chunk texts, as
   many chunks per call as one index batch holds;
 * ``retriever``: the retriever's passage embeddings alone, in the same batches (the index's
-  other model: what it costs beyond the encoder + projector), as the index runs it (bfloat16,
+  other model: what it costs beyond the encoder + projector), as the index runs it (``serving_dtype()``,
   :data:`~refrag_vllm.retrieval.index.RETRIEVER_MAX_TOKENS` word pieces), reading 256 word
   pieces (sentence-transformers' default for the model), and in float32, with the cosine between
   the two dtypes' embeddings.

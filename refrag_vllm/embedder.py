@@ -31,18 +31,21 @@ class ChunkEmbedder:
         self.encoder, self.projector, self.tokenizer, self.max_tokens = encoder, projector, tokenizer, max_tokens
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *, with_projector: bool = True) -> "ChunkEmbedder":
+    def from_pretrained(cls, model_dir: str | Path, *, with_projector: bool = True,
+                        dtype: torch.dtype | None = None) -> "ChunkEmbedder":
         """The encoder (and projector) of the checkpoint at ``model_dir`` alone, without the
-        decoder, in the checkpoint's dtype (as the engine runs them), in eval mode."""
+        decoder, in eval mode, in ``dtype`` (default: as the engines run them here, the
+        checkpoint's dtype or float32: :func:`refrag_vllm.engine.compute_dtype`)."""
         from transformers import AutoTokenizer
 
         from .checkpoint import load_tensors
         from .config import ENCODER_TOKENIZER_DIR, load_refrag_config
+        from .engine import compute_dtype
 
         _, cfg = load_refrag_config(model_dir)
         tensors = load_tensors(model_dir, ("chunk_encoder.", "projector."))
         encoder_weights = strip_prefix(tensors, "chunk_encoder.")
-        dtype = next(iter(encoder_weights.values())).dtype
+        dtype = dtype or compute_dtype(next(iter(encoder_weights.values())).dtype)
         encoder = ChunkEncoder(cfg.encoder, cfg.encoder_pooling)
         encoder.load_state_dict(encoder_weights, strict=False)
         projector = None

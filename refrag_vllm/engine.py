@@ -38,6 +38,15 @@ def serving_dtype() -> str:
     return "float32"
 
 
+def compute_dtype(stored):
+    """The dtype weights stored in ``stored`` (a torch dtype) run in outside the engine (the
+    chunk encoder for the index and the policy): float32 for bf16 weights where engines run in
+    float32 (:func:`serving_dtype`), else ``stored``."""
+    import torch
+
+    return torch.float32 if stored == torch.bfloat16 and serving_dtype() == "float32" else stored
+
+
 def default_delta(delta: str | None, no_delta: bool, custom_models: bool) -> Path | None:
     """The delta to apply: ``delta`` if given, else the shipped trained weights, which fit
     the default models only (none with ``no_delta`` or a custom decoder or encoder)."""

@@ -112,10 +112,12 @@ def test_dtype_cost_table_reads_each_row_as_bf16_over_fp32(tmp_path):
               "serving": [{"dtype": d, "mode": m, "positions": 1, "ttft_s": t}
                           for d, m, t in (("bfloat16", "vanilla", 4.0), ("float32", "vanilla", 1.0),
                                           ("bfloat16", "refrag", 0.9), ("float32", "refrag", 0.3))],
+              "index": [{"dtype": "bfloat16", "mode": "retriever", "seconds": 2.0},
+                        {"dtype": "float32", "mode": "retriever", "seconds": 0.5}],
               "training": [{"dtype": "bfloat16", "step_s": 30.0}, {"dtype": "float32", "step_s": 1.5}]}
     write_result(tmp_path, "dtype_cost", result, markdown(result))
     assert json.loads((tmp_path / "dtype_cost.json").read_text()) == result
     lines = (tmp_path / "dtype_cost.md").read_text().splitlines()
     assert "`serving_dtype()` here: **float32**" in lines[0]
     assert "| vanilla | 4.000 | 1.000 | 4.0× |" in lines and "| refrag | 0.900 | 0.300 | 3.0× |" in lines
-    assert "| training step | 30.00 | 1.50 | 20.0× |" in lines
+    assert "| retriever | 2.000 | 0.500 | 4.0× |" in lines and "| training step | 30.00 | 1.50 | 20.0× |" in lines

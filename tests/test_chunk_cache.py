@@ -208,7 +208,7 @@ def test_serve_adds_its_defaults_only_where_not_given(monkeypatch):
     assert with_serve_defaults(mine, "float32") == mine
 
 
-def test_engines_run_in_float32_only_on_a_cpu_without_native_bf16(monkeypatch):
+def test_engines_and_the_index_run_in_float32_only_on_a_cpu_without_native_bf16(monkeypatch):
     import platform
 
     import torch
@@ -221,3 +221,6 @@ def test_engines_run_in_float32_only_on_a_cpu_without_native_bf16(monkeypatch):
     for native, dtype in ((True, "bfloat16"), (None, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
         assert engine.serving_dtype() == dtype
+        # the index's and the policy's encoder: bf16 weights run as the engines do; others as stored
+        assert engine.compute_dtype(torch.bfloat16) == getattr(torch, dtype)
+        assert engine.compute_dtype(torch.float32) == torch.float32

@@ -191,7 +191,9 @@ def test_index_rate_benchmark_builds_the_index_it_times(tiny_ckpt, tmp_path):
         (128, 12, 12), (256, 12, 12)]
     assert all(h["hit@1"] >= RETRIEVAL_TOP1_THRESHOLD and h["hit@3"] >= h["hit@1"] for h in result["retrieval_hits"])
     assert all(r["seconds"] > 0 and r["chunks_per_s"] > 0 for r in result["rows"])
-    assert result["retriever_dtype"] == "bfloat16" and result["retriever_cosine_to_float32"]["min"] > 0.99
+    from refrag_vllm.engine import serving_dtype
+
+    assert result["retriever_dtype"] == serving_dtype() and result["retriever_cosine_to_float32"]["min"] > 0.99
     assert json.loads(summary.read_text())["summary"] == {
         "kv_bytes_per_chunk": 1, "index_vs_encoder_rate": result["index_vs_encoder_rate"]}
     assert "index_vs_encoder_rate" in (tmp_path / "out" / "index_rate.md").read_text()

@@ -152,16 +152,21 @@ def retriever_spec(model: str | Path | None = None, max_tokens: int = RETRIEVER_
 class Retriever:
     """sentence-transformers passage/query embeddings, unit norm (inner product = cosine).
 
-    ``dtype`` defaults to bfloat16, as the chunk encoder runs: on this project's CPU (AVX-512
-    BF16) it embeds passages 3.3x faster than float32, each embedding at cosine >= 0.998 to
-    float32's (``python -m benchmarks.index_rate``; benchmarks/README.md, "Index build").  Passages
-    and queries use the same dtype. ``max_tokens``: :data:`RETRIEVER_MAX_TOKENS`.
+    ``dtype`` defaults to the engines' (:func:`refrag_vllm.engine.serving_dtype`): bfloat16,
+    which on a CPU with AVX-512 BF16 embeds passages 3.3x faster than float32, each embedding at
+    cosine >= 0.998 to float32's (``python -m benchmarks.index_rate``; benchmarks/README.md,
+    "Index build"), and float32 on a CPU without native bf16, where bf16 is emulated.  The two
+    dtypes' embeddings agree that closely, so an index built in one is searched with the other. ``max_tokens``: :data:`RETRIEVER_MAX_TOKENS`.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16",
+    def __init__(self, model: str | Path | None = None, dtype: str | None = None,
                  max_tokens: int = RETRIEVER_MAX_TOKENS) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
+
+        from ..engine import serving_dtype
+
+        dtype = dtype or serving_dtype()
 
         self.spec = retriever_spec(model, max_tokens)
         self.name = self.spec["model"]
