@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import platform
 import statistics
-import time
 
 import torch
 
 from refrag_vllm.markdown import table_lines
 
-from .options import write_result
+from .options import timed_calls, write_result
 
 DTYPES = ("bfloat16", "float32")
 MODES = ("vanilla", "refrag", "refrag-cached")
@@ -72,14 +72,9 @@ def measure_index_models(model: str, tokens: int, repeats: int, k: int = 16) -> 
         embedder = ChunkEmbedder.from_pretrained(model, dtype=getattr(torch, dtype))
         for name, run in (("retriever", lambda: retriever.embed(passages)),
                           ("encoder + projector", lambda: embedder.project(embedder.encode(chunks)))):
-            times = []
             with torch.no_grad():
-                for i in range(repeats + 1):
-                    start = time.perf_counter()
-                    run()
-                    if i:
-                        times.append(time.perf_counter() - start)
-            rows.append({"dtype": dtype, "mode": name, "seconds": statistics.median(times)})
+                seconds = statistics.median(timed_calls(run, repeats))
+            rows.append({"dtype": dtype, "mode": name, "seconds": seconds})
     return rows
 
 
@@ -92,14 +87,12 @@ def measure_training(config: str, tokens: int, repeats: int) -> list[dict]:
         model = TrainingModel(load_config(config, [f"run.dtype={dtype}"]))
         model.trainable([DECODER_LORA, "projector"])
         ids = torch.randint(100, model.tokenizer.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-        times = []
-        for i in range(repeats + 1):
-            start = time.perf_counter()
+
+        def step():
             logits = model.peft_model(input_ids=ids).logits.float()
             torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
-            if i:  # the first is the warm-up
-                times.append(time.perf_counter() - start)
-        rows.append({"dtype": dtype, "step_s": statistics.median(times)})
+
+        rows.append({"dtype": dtype, "step_s": statistics.median(timed_calls(step, repeats))})
         del model
     return rows
 
@@ -144,7 +137,7 @@ def main() -> None:
     args = p.parse_args()
     result = {"model": args.model, "tokens": args.tokens, "train_tokens": args.train_tokens, "config": args.config,
               "repeats": args.repeats,
-              "machine": {"machine": __import__("platform").machine(), "threads": args.threads,
+              "machine": {"machine": platform.machine(), "threads": args.threads,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                           "native_bf16": cpu_has_native_bf16(), "serving_dtype": serving_dtype()}}
     result["serving"] = measure_serving(args.model, args.tokens, args.repeats)

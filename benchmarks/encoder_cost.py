@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from refrag_vllm.markdown import table_lines
 
-from .options import write_result
+from .options import timed_calls, write_result
 
 ENCODERS = ("minilm", "decoder-layers:4", "decoder-layers:8")
 
@@ -50,12 +49,7 @@ def measure(encoders=ENCODERS, total_tokens: int = 8192, k: int = 16, repeats: i
         encoder.model = model.to(dtype).eval()
         ids, mask = tokenize_chunks(tok, texts, 64)
         with torch.no_grad():
-            encoder(ids, mask)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                encoder(ids, mask)
-                times.append(time.perf_counter() - start)
+            times = timed_calls(lambda: encoder(ids, mask), repeats)
         seconds = statistics.median(times)
         rows.append({"encoder": spec, "chunks": len(texts), "context_tokens": len(texts) * k,
                      "encoder_tokens": int(mask.sum()), "median_s": seconds, "min_s": min(times),

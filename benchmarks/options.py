@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 
@@ -67,3 +68,14 @@ def write_result(out: str | Path, name: str, result: dict, markdown: str) -> Non
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def timed_calls(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn()``, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times

@@ -114,6 +114,7 @@ def encoder_alone_lines(res: dict) -> list[str]:
 def markdown(res: dict) -> str:
     m = res["machine"]
     cfg = res["config"]
+    dtype = cfg.get("dtype") or "bfloat16"  # results written before the field were all bf16
     eng = res["offline"]["engine"]
     out = [
         "# TTFT: REFRAG vs vanilla RAG on the same vLLM engine", "",
@@ -123,7 +124,7 @@ def markdown(res: dict) -> str:
         f"vLLM {m['vllm']}  ",
         f"Engine (every mode): max_model_len {cfg['max_model_len']}, max_num_batched_tokens {cfg['max_model_len']}, "
         f"prefix caching off, mm processor cache off, "
-        f"{'encoder start-up profile skipped, ' if cfg.get('skip_mm_profiling') else ''}{cfg.get('dtype') or 'bfloat16'}, KV cache {cfg['kv_cache_gib']} GiB, block size "
+        f"{'encoder start-up profile skipped, ' if cfg.get('skip_mm_profiling') else ''}{dtype}, KV cache {cfg['kv_cache_gib']} GiB, block size "
         f"{eng['block_size']}, {'eager' if cfg['enforce_eager'] else 'compiled'}, OpenMP threads bound to "
         f"{cfg.get('omp_bind', 'auto')!r} (VLLM_CPU_OMP_THREADS_BIND; reserved CPUs {cfg.get('reserved_cpus', -1)}); "
         f"startup {eng['startup_s']:.0f} s.  ",
@@ -139,7 +140,7 @@ def markdown(res: dict) -> str:
         "", "## Throughput, concurrent requests", "", *throughput_table(res), "",
     ]
     if res.get("transformers"):
-        out += [f"## Plain transformers prefill of the same decoder ({cfg.get('dtype') or 'bfloat16'}, SDPA, one forward pass)", "",
+        out += [f"## Plain transformers prefill of the same decoder ({dtype}, SDPA, one forward pass)", "",
                 *transformers_table(res), ""]
     if res.get("server"):
         out += ["## OpenAI-compatible server (`vllm serve`), streaming client", "", *server_table(res), ""]

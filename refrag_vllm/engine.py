@@ -142,6 +142,11 @@ KV_CACHE_BYTES = 2 << 30
 size starts on a busy machine, where vLLM's CPU default (92% of the node's RAM) refuses."""
 
 
+def engine_defaults() -> dict:
+    """The engine settings this package's tools share (:func:`make_llm`, Ray's batch QA)."""
+    return dict(enforce_eager=True, max_model_len=8192, dtype=serving_dtype())
+
+
 def make_llm(model: str | Path, **engine_args):
     """An offline engine for this package's tools and examples (a fixed KV cache:
     :data:`KV_CACHE_BYTES`; :func:`serving_dtype`).  Precomputed chunk vectors (the policy's, the index's) come
@@ -149,6 +154,5 @@ def make_llm(model: str | Path, **engine_args):
     (vLLM's) override these defaults."""
     from vllm import LLM
 
-    defaults = dict(enforce_eager=True, max_model_len=8192, dtype=serving_dtype(),
-                    kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
+    defaults = engine_defaults() | dict(kv_cache_memory_bytes=KV_CACHE_BYTES, enable_mm_embeds=True)
     return LLM(model=str(model), **(defaults | engine_args))

@@ -82,7 +82,7 @@ def answer_file_ray(index_dir, model_dir, questions_path, out, *, num_workers: i
     """The same with Ray Data: ``num_workers`` actors, each with its own engine."""
     import ray
 
-    from ..engine import serving_dtype
+    from ..engine import engine_defaults
     from .index import PassageIndex
     from .ray_index import init_ray
 
@@ -90,7 +90,7 @@ def answer_file_ray(index_dir, model_dir, questions_path, out, *, num_workers: i
     PassageIndex.open(index_dir).check_model(model_dir)  # fail here, not in every worker
     # The index's cached vectors come from this process: enable_mm_embeds lets them in.
     engine_kwargs = {"enable_mm_embeds": True,
-                     **(engine_kwargs or dict(enforce_eager=True, max_model_len=8192, dtype=serving_dtype()))}
+                     **(engine_kwargs or engine_defaults())}
     init_ray(address, env_vars=engine_env_for_workers())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
