@@ -31,6 +31,14 @@ def add_profile_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, type={"float": float, "str": str}.get(f.type, int), default=None)
 
 
+def profile_dtype(cfg) -> str:
+    """The profile's ``dtype`` field, or where it is empty the dtype the engines pick on this
+    machine (:func:`refrag_vllm.engine.serving_dtype`)."""
+    from refrag_vllm.engine import serving_dtype
+
+    return cfg.dtype or serving_dtype()
+
+
 def profile_from_args(args: argparse.Namespace, profiles: dict):
     """A copy of ``profiles["quick"]`` (with ``--quick``) or ``profiles["default"]``, with
     every flag the command line set."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, REFRAG_POLICY, VANILLA
 
-from .options import parse_profile, profile_parser, run_log
+from .options import parse_profile, profile_dtype, profile_parser, run_log
 
 
 @dataclass
@@ -103,12 +103,6 @@ class BenchConfig:
     dtype: str = ""
     """The engines' and the transformers baseline's dtype (empty: ``refrag_vllm.engine.serving_dtype``,
     bfloat16 unless this is an x86 CPU without native bf16)."""
-
-
-def bench_dtype(cfg: BenchConfig) -> str:
-    from refrag_vllm.engine import serving_dtype
-
-    return cfg.dtype or serving_dtype()
 
 
 PROFILES = {
@@ -231,7 +225,7 @@ def engine_args(model: str, cfg: BenchConfig) -> dict:
     """One place for the engine settings, so the offline engine and the server match."""
     return dict(model=model, max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_model_len,
                 max_num_seqs=max(cfg.throughput_requests, 1), enable_prefix_caching=False,
-                mm_processor_cache_gb=0, enforce_eager=cfg.enforce_eager, dtype=bench_dtype(cfg), seed=0,
+                mm_processor_cache_gb=0, enforce_eager=cfg.enforce_eager, dtype=profile_dtype(cfg), seed=0,
                 disable_log_stats=False, skip_mm_profiling=cfg.skip_mm_profiling, enable_mm_embeds=True)
 
 
@@ -386,7 +380,7 @@ def run_hf_baseline(model: str, factory, cfg: BenchConfig, lengths: list[int], l
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the checkpoint's encoder/projector weights are not the decoder's
-    decoder = LlamaForCausalLM.from_pretrained(model, dtype=getattr(torch, bench_dtype(cfg))).eval()
+    decoder = LlamaForCausalLM.from_pretrained(model, dtype=getattr(torch, profile_dtype(cfg))).eval()
     rows = []
     with torch.inference_mode():
         decoder(torch.tensor([factory.vanilla(lengths[0]).prompt["prompt_token_ids"]]))  # warm-up
@@ -524,7 +518,7 @@ def main(argv=None) -> dict:
     from .workload import RequestFactory
 
     args, cfg = parse_args(argv)
-    cfg.dtype = bench_dtype(cfg)  # results.json records the dtype the engines ran in
+    cfg.dtype = profile_dtype(cfg)  # results.json records the dtype the engines ran in
     out = Path(args.out)
     log = run_log(out)
     started = time.perf_counter()

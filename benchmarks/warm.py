@@ -49,7 +49,7 @@ from pathlib import Path
 from refrag_vllm.markdown import table_lines
 from refrag_vllm.modes import REFRAG, REFRAG_CACHED, VANILLA
 
-from .options import parse_profile, profile_parser, run_log
+from .options import parse_profile, profile_dtype, profile_parser, run_log
 from .summary import PRELOADED, merge_summary, warm_summary
 
 NO_CHUNK_CACHE = REFRAG + "-no-chunk-cache"
@@ -95,6 +95,9 @@ class WarmConfig:
     """Seed of the request sequence (the same for every condition)."""
     enforce_eager: bool = False
     """The servers' ``--enforce-eager``."""
+    dtype: str = ""
+    """The servers' ``--dtype``; empty: what ``refrag-vllm serve`` picks
+    (:func:`refrag_vllm.engine.serving_dtype`)."""
 
 
 PROFILES = {
@@ -204,13 +207,13 @@ def _rate(after: dict, before: dict, hits: str, total: str | None = None, misses
 
 
 def server_flags(cfg: WarmConfig) -> list[str]:
-    """The README's serve flags (vLLM defaults otherwise), plus client-sent vectors allowed."""
-    from refrag_vllm.middleware import SIZE_LIMIT_MIDDLEWARE
+    """The README's serve flags, with what ``refrag-vllm serve`` adds to them (vLLM defaults
+    otherwise), plus client-sent vectors allowed."""
+    from refrag_vllm.cli import with_serve_defaults
 
     flags = ["--max-model-len", str(cfg.max_model_len), "--skip-mm-profiling",
-             "--kv-cache-memory-bytes", cfg.kv_cache_bytes, "--middleware", SIZE_LIMIT_MIDDLEWARE,
-             "--enable-mm-embeds", "--seed", str(cfg.seed)]
-    return flags + (["--enforce-eager"] if cfg.enforce_eager else [])
+             "--kv-cache-memory-bytes", cfg.kv_cache_bytes, "--enable-mm-embeds", "--seed", str(cfg.seed)]
+    return with_serve_defaults(flags + (["--enforce-eager"] if cfg.enforce_eager else []), profile_dtype(cfg))
 
 
 def pool_index(model_dir: str, messages: Messages, folder: Path) -> Path:
@@ -289,7 +292,8 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [f"# Warm RAG traffic through `vllm serve`: {cfg['top_k']} of {cfg['pool_passages']} passages "
              f"({cfg['passage_tokens']} tokens each), Zipf {cfg['zipf']}", "",
-             f"Command: `{res['command']}` ({res['wall_s']:.0f} s). Model: `{res['model']}`.", ""]
+             f"Command: `{res['command']}` ({res['wall_s']:.0f} s). Model: `{res['model']}`, served in "
+             f"{res['dtype']}.", ""]
     vanilla = {r["concurrency"]: r["ttft_p50_s"] for r in res["conditions"][VANILLA]["rows"]}
     pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"
     lines += table_lines(
@@ -358,7 +362,8 @@ def main(argv=None) -> dict:
         f"warm-up requests show {warmed}; timed requests with a new passage, per level: "
         f"{first_sight_requests(plan, cfg)} of {cfg.requests}")
     results = {"command": " ".join(["python -m benchmarks.warm"] + (argv if argv is not None else sys.argv[1:])),
-               "config": dataclasses.asdict(cfg), "model": str(args.model), "distinct_passages": distinct,
+               "config": dataclasses.asdict(cfg), "model": str(args.model), "dtype": profile_dtype(cfg),
+               "distinct_passages": distinct,
                "warmup_passages": warmed,
                "conditions": {}}
     conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]

@@ -70,6 +70,16 @@ def test_report_files(warm_results):
     assert (out / "warm_ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_servers_run_in_the_dtype_refrag_vllm_serve_picks(warm_results):
+    from refrag_vllm.engine import serving_dtype
+
+    out, res = warm_results
+    assert res["dtype"] == serving_dtype()
+    assert f"served in {res['dtype']}" in (out / "warm.md").read_text()
+    for condition in res["conditions"]:  # vLLM's own account of the engine it built
+        assert f"dtype=torch.{res['dtype']}," in (out / f"server_{condition}.log").read_text()
+
+
 def test_summary_merges_the_warm_ratios_into_the_cold_results(warm_results):
     out, res = warm_results
     p50 = {c: r["rows"][0]["ttft_p50_s"] for c, r in res["conditions"].items()}
