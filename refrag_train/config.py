@@ -159,7 +159,12 @@ class ReadingConfig:
     num_chunks: int = 1
     """Chunks per sample (of ``run.default_chunk_size`` tokens each)."""
     train_encoder: bool = True
-    """Train the encoder's LoRA too; the projector and the decoder's LoRA always learn."""
+    """Train the encoder's LoRA too."""
+    train_decoder: bool = True
+    """Train the decoder's LoRA (false: the decoder stays as reconstruction left it, the base
+    weights, and only the chunk vectors learn to be read)."""
+    train_projector: bool = True
+    """Train the projector."""
     seed: int = 0
     """Added to ``run.seed`` for this stage's samples: a stage continued from another run's
     reading (``refrag-train train --init``) draws windows the first one did not."""

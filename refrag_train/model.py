@@ -37,7 +37,7 @@ ENCODER_LORA = "encoder"
 
 def learning_groups(stage_cfg) -> list[str]:
     """The groups a stage trains, from its ``train_projector``, ``train_decoder`` and
-    ``train_encoder`` flags (CPT's and SFT's tables)."""
+    ``train_encoder`` flags (the reading stages', CPT's and SFT's tables)."""
     return ((["projector"] if stage_cfg.train_projector else []) + ([DECODER_LORA] if stage_cfg.train_decoder else [])
             + ([ENCODER_LORA] if stage_cfg.train_encoder else []))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import DECODER_LORA, ENCODER_LORA, TrainingModel
+from .model import TrainingModel, learning_groups
 from .reconstruction import reconstruction_batch
 from .samples import TokenCorpus, recall_sample
 from .trainer import Stage, nll_loss, step_rng
@@ -53,8 +53,7 @@ def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, n
                   use_mlflow: bool = False) -> Path:
     """Stage ``name`` (``reading`` or ``sequence_reading``), into ``run_dir/<name>/``."""
     c = getattr(model.cfg, name)
-    groups = ["projector", DECODER_LORA] + ([ENCODER_LORA] if c.train_encoder else [])
-    stage = Stage(name, run_dir, model, groups, c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
+    stage = Stage(name, run_dir, model, learning_groups(c), c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
     for step in stage.steps():
         loss = nll_loss(model.refrag, make_batch(model, corpus, step, name))
         stage.log(step, loss=loss.item(), **stage.update(step, loss))

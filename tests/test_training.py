@@ -1119,3 +1119,20 @@ def test_cpt_trains_the_groups_it_is_told_to(tiny_cfg, base_ckpt, tmp_path, chan
     groups = model.named_groups()
     assert before[frozen] and all(torch.equal(a, p) for a, (_, p) in zip(before[frozen], groups[frozen]))
     assert any(not torch.equal(a, p) for a, (_, p) in zip(before[learning], groups[learning]))
+
+
+def test_reading_with_the_decoder_frozen_trains_only_the_vectors(tiny_cfg, base_ckpt, tmp_path):
+    """``reading.train_decoder = false``: the decoder stays as reconstruction left it, and the
+    projector (the chunk vectors) goes on learning to be read."""
+    import dataclasses
+
+    from refrag_train import reading
+
+    cfg = dataclasses.replace(tiny_cfg, reading=dataclasses.replace(tiny_cfg.reading, train_decoder=False, steps=2))
+    model = _model(cfg, base_ckpt)
+    groups = model.named_groups()
+    before = {g: [p.detach().clone() for _, p in groups[g]] for g in ("decoder", "projector")}
+    reading.train_reading(model, _corpus(model), tmp_path)
+    groups = model.named_groups()
+    assert before["decoder"] and all(torch.equal(a, p) for a, (_, p) in zip(before["decoder"], groups["decoder"]))
+    assert any(not torch.equal(a, p) for a, (_, p) in zip(before["projector"], groups["projector"]))
