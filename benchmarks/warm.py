@@ -293,7 +293,7 @@ def markdown(res: dict) -> str:
     lines = [f"# Warm RAG traffic through `vllm serve`: {cfg['top_k']} of {cfg['pool_passages']} passages "
              f"({cfg['passage_tokens']} tokens each), Zipf {cfg['zipf']}", "",
              f"Command: `{res['command']}` ({res['wall_s']:.0f} s). Model: `{res['model']}`, served in "
-             f"{res['dtype']}.", ""]
+             f"{cfg['dtype']}.", ""]
     vanilla = {r["concurrency"]: r["ttft_p50_s"] for r in res["conditions"][VANILLA]["rows"]}
     pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"
     lines += table_lines(
@@ -351,6 +351,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, WarmConfig]:
 
 def main(argv=None) -> dict:
     args, cfg = parse_args(argv)
+    cfg.dtype = profile_dtype(cfg)  # warm.json records the dtype the servers ran in
     out = Path(args.out)
     log = run_log(out)
     started = time.perf_counter()
@@ -362,8 +363,7 @@ def main(argv=None) -> dict:
         f"warm-up requests show {warmed}; timed requests with a new passage, per level: "
         f"{first_sight_requests(plan, cfg)} of {cfg.requests}")
     results = {"command": " ".join(["python -m benchmarks.warm"] + (argv if argv is not None else sys.argv[1:])),
-               "config": dataclasses.asdict(cfg), "model": str(args.model), "dtype": profile_dtype(cfg),
-               "distinct_passages": distinct,
+               "config": dataclasses.asdict(cfg), "model": str(args.model), "distinct_passages": distinct,
                "warmup_passages": warmed,
                "conditions": {}}
     conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]

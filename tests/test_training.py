@@ -1113,9 +1113,14 @@ def test_cpt_trains_the_groups_it_is_told_to(tiny_cfg, base_ckpt, tmp_path, chan
 
     cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, train_decoder=True, **change))
     model = _model(cfg, base_ckpt)
+    _assert_stage_trains(model, lambda: cpt.train_cpt(model, _corpus(model), tmp_path), frozen, learning)
+
+
+def _assert_stage_trains(model, train, frozen: str, learning: str) -> None:
+    """After ``train()``, every weight of group ``frozen`` is as it was, and some of ``learning``'s moved."""
     groups = model.named_groups()
-    before = {g: [p.detach().clone() for _, p in groups[g]] for g in ("decoder", "projector")}
-    cpt.train_cpt(model, _corpus(model), tmp_path)
+    before = {g: [p.detach().clone() for _, p in groups[g]] for g in (frozen, learning)}
+    train()
     groups = model.named_groups()
     assert before[frozen] and all(torch.equal(a, p) for a, (_, p) in zip(before[frozen], groups[frozen]))
     assert any(not torch.equal(a, p) for a, (_, p) in zip(before[learning], groups[learning]))
@@ -1130,9 +1135,4 @@ def test_reading_with_the_decoder_frozen_trains_only_the_vectors(tiny_cfg, base_
 
     cfg = dataclasses.replace(tiny_cfg, reading=dataclasses.replace(tiny_cfg.reading, train_decoder=False, steps=2))
     model = _model(cfg, base_ckpt)
-    groups = model.named_groups()
-    before = {g: [p.detach().clone() for _, p in groups[g]] for g in ("decoder", "projector")}
-    reading.train_reading(model, _corpus(model), tmp_path)
-    groups = model.named_groups()
-    assert before["decoder"] and all(torch.equal(a, p) for a, (_, p) in zip(before["decoder"], groups["decoder"]))
-    assert any(not torch.equal(a, p) for a, (_, p) in zip(before["projector"], groups["projector"]))
+    _assert_stage_trains(model, lambda: reading.train_reading(model, _corpus(model), tmp_path), "decoder", "projector")

@@ -74,10 +74,11 @@ def test_the_servers_run_in_the_dtype_refrag_vllm_serve_picks(warm_results):
     from refrag_vllm.engine import serving_dtype
 
     out, res = warm_results
-    assert res["dtype"] == serving_dtype()
-    assert f"served in {res['dtype']}" in (out / "warm.md").read_text()
+    dtype = res["config"]["dtype"]
+    assert dtype == serving_dtype()
+    assert f"served in {dtype}" in (out / "warm.md").read_text()
     for condition in res["conditions"]:  # vLLM's own account of the engine it built
-        assert f"dtype=torch.{res['dtype']}," in (out / f"server_{condition}.log").read_text()
+        assert f"dtype=torch.{dtype}," in (out / f"server_{condition}.log").read_text()
 
 
 def test_summary_merges_the_warm_ratios_into_the_cold_results(warm_results):
