@@ -139,6 +139,11 @@ class ReconstructionConfig:
     (``n * (k + 1)``, at least 1)."""
     train_encoder: bool = True
     """Train the encoder's LoRA (the paper trains the encoder); the projector always learns."""
+    contrastive_weight: float = 0.0
+    """Weight of a contrastive term beside the NLL: each chunk's projected vector nearer its own
+    tokens' mean embedding than other chunks' (``trainer.chunk_contrastive_loss``); 0 leaves it out."""
+    contrastive_temperature: float = 0.1
+    """The contrastive term's softmax temperature over cosines."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """The "n x k" data types and how their share moves over the stage."""
 

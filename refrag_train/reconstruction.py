@@ -1,7 +1,8 @@
 """Stage 1, reconstruction: the decoder (frozen) reproduces n*k tokens from n chunk embeddings.
 
-Only the encoder's LoRA and the projector learn.  Data follow the curriculum: step i
-holds ``batch_size`` windows of ``n * k`` tokens, n growing stage by stage.
+Only the encoder's LoRA and the projector learn, on the tokens' NLL and, with
+``reconstruction.contrastive_weight``, a contrastive term on the vectors themselves.
+Data follow the curriculum: step i holds ``batch_size`` windows of ``n * k`` tokens, n growing stage by stage.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from refrag_vllm.prompt import chunk_text
 from .curriculum import curriculum_batches
 from .model import ENCODER_LORA, TrainingModel
 from .samples import TokenCorpus, reconstruction_sample
-from .trainer import Stage, nll_loss, step_rng
+from .trainer import Stage, chunk_contrastive_loss, nll_loss, project_sample_items, sample_items, step_rng
 
 NAME = "reconstruction"
 
@@ -67,9 +68,16 @@ def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Pat
     if stage.step == 0 and not stage.finished and model.refrag.projector.standardize_inputs:
         measure_projector_inputs(model, corpus)
     for step in stage.steps():
-        loss = nll_loss(model.refrag, make_batch(model, corpus, steps, step))
+        batch = make_batch(model, corpus, steps, step)
+        projected = project_sample_items(model.refrag, batch)
+        loss = nll_loss(model.refrag, batch, projected)
+        parts = {}
+        if rc.contrastive_weight:
+            contrastive = chunk_contrastive_loss(model, sample_items(batch), projected, rc.contrastive_temperature)
+            parts = {"nll": loss.item(), "contrastive": contrastive.item()}
+            loss = loss + rc.contrastive_weight * contrastive
         b = steps[step]
-        stage.log(step, loss=loss.item(), **stage.update(step, loss), curriculum_stage=b.stage,
+        stage.log(step, loss=loss.item(), **parts, **stage.update(step, loss), curriculum_stage=b.stage,
                   num_chunks=b.num_chunks, k=b.chunk_size)
         stage.checkpoint(step)
     return stage.finish()

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from refrag_vllm.chunks import CompressedChunks
+from refrag_vllm.config import MODALITY
 from refrag_vllm.reference import RefragReferenceModel
 
 from .model import TrainingModel
@@ -203,18 +205,60 @@ class Stage:
         return self.final_dir
 
 
-def nll_loss(refrag: RefragReferenceModel, samples) -> torch.Tensor:
-    """Mean negative log-likelihood of all samples' target tokens, ``()`` (the shared scoring path)."""
-    return group_nll_losses(refrag, [samples])[0]
+def nll_loss(refrag: RefragReferenceModel, samples, projected: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of all samples' target tokens, ``()`` (the shared scoring
+    path).  ``projected``: the samples' items already projected (:func:`project_sample_items`)."""
+    return group_nll_losses(refrag, [samples], projected)[0]
 
 
-def group_nll_losses(refrag: RefragReferenceModel, groups) -> list[torch.Tensor]:
+def group_nll_losses(refrag: RefragReferenceModel, groups,
+                     projected: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each group's mean target NLL, ``[()]``, from one forward pass over all groups' samples."""
     samples = [s for g in groups for s in g]
     if not samples:
         return []
-    logprobs = iter(refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples]))
+    logprobs = iter(refrag.target_logprobs([s.prompt for s in samples], [s.num_targets for s in samples],
+                                           projected))
     return [-torch.cat([next(logprobs) for _ in g]).mean() for g in groups]
+
+
+def sample_items(samples) -> list[CompressedChunks]:
+    """Every compressed-chunk item of ``samples``' prompts, in prompt order."""
+    return [item for s in samples for item in s.prompt.get("multi_modal_data", {}).get(MODALITY, [])]
+
+
+def project_sample_items(refrag: RefragReferenceModel, samples) -> list[torch.Tensor]:
+    """``samples``' items through the encoder and projector, ``[(num_chunks, hidden)]``, for a
+    loss on the vectors beside :func:`nll_loss` on the same forward."""
+    return refrag.project_items(sample_items(samples))
+
+
+def chunk_contrastive_loss(model: TrainingModel, items: list[CompressedChunks], projected: list[torch.Tensor],
+                           temperature: float) -> torch.Tensor:
+    """InfoNCE over a batch's text chunks, ``()``: each chunk's projected vector should be nearer,
+    in cosine, to the mean decoder token embedding of its own text than to any other chunk's.
+
+    Both sides are centred on their batch mean first, so only what tells chunks apart is
+    compared: the vectors share a large common part (cosine about 0.9 within a window), which
+    the decoder reads as a soft prompt and this term leaves alone.  ``projected`` as
+    :func:`project_sample_items` returns it for ``items``; fewer than two chunks give 0.
+    """
+    texts = [t for item in items for t in item.texts]
+    vectors = torch.cat(projected).float()  # (N, hidden)
+    if len(texts) != vectors.shape[0]:
+        raise ValueError(f"{vectors.shape[0]} projected vectors for {len(texts)} text chunks")
+    if len(texts) < 2:
+        return vectors.sum() * 0.0
+    embed = model.refrag.get_input_embeddings()
+    with torch.no_grad():
+        ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        token_means = torch.stack([embed(torch.tensor(i, device=embed.weight.device)).float().mean(0) if i
+                                   else embed.weight.new_zeros(embed.weight.shape[1], dtype=torch.float32)
+                                   for i in ids])  # (N, hidden)
+    v = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=-1)
+    t = torch.nn.functional.normalize(token_means - token_means.mean(0), dim=-1)
+    logits = v @ t.T / temperature  # (N, N): chunk i's vector against chunk j's tokens
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(texts), device=logits.device))
 
 
 def distill_loss(refrag: RefragReferenceModel, teacher: RefragReferenceModel, samples) -> torch.Tensor:

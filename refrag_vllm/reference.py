@@ -70,12 +70,16 @@ class RefragReferenceModel(LlamaForCausalLM):
         """Items -> ``[(num_chunks, hidden)]``; all text chunks go through ONE encoder call."""
         return self.chunk_embedder.project_items(items, self.dtype)
 
-    def embed_prompts(self, prompts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_prompts(self, prompts: list[dict], projected: list[torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM-style prompt dicts -> ``inputs_embeds (B, T, hidden)``, ``attention_mask (B, T)``.
 
         Each placeholder token in ``prompt_token_ids`` stands for one item and is
         replaced by that item's ``num_chunks`` projected vectors.  Sequences are
         right-padded to the longest (``T``); ``attention_mask`` is 1 on real positions.
+        ``projected``: the prompts' items already through :meth:`project_items`, in order,
+        when the caller needs the vectors too (a training loss on them); by default the
+        items are projected here.
         """
         pid = self.refrag_config.placeholder_token_id
         all_items: list[CompressedChunks] = []
@@ -86,7 +90,11 @@ class RefragReferenceModel(LlamaForCausalLM):
             if n_placeholders != len(items):
                 raise ValueError(f"{n_placeholders} placeholder tokens for {len(items)} items")
             all_items += items
-        projected = iter(self.project_items(all_items))
+        if projected is None:
+            projected = self.project_items(all_items)
+        elif len(projected) != len(all_items):
+            raise ValueError(f"{len(projected)} projected items for {len(all_items)} items")
+        projected = iter(projected)
         embed = self.get_input_embeddings()
         rows: list[torch.Tensor] = []
         for prompt in prompts:
@@ -115,11 +123,12 @@ class RefragReferenceModel(LlamaForCausalLM):
         """One prompt dict -> ``(1, positions, hidden)`` inputs_embeds."""
         return self.embed_prompts([prompt])[0]
 
-    def target_logits(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
+    def target_logits(self, prompts: list[dict], num_targets: list[int],
+                      projected: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Next-token logits at each prompt's last ``num_targets[b]`` tokens (the positions
         that predict them).  Returns ``[(num_targets[b], vocab)]`` fp32 (differentiable when
-        grads are on)."""
-        inputs_embeds, attention_mask = self.embed_prompts(prompts)
+        grads are on).  ``projected`` as in :meth:`embed_prompts`."""
+        inputs_embeds, attention_mask = self.embed_prompts(prompts, projected)
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         lengths = attention_mask.sum(1).tolist()
         out = []
@@ -129,14 +138,16 @@ class RefragReferenceModel(LlamaForCausalLM):
             out.append(self.lm_head(hidden[b, length - n - 1 : length - 1]).float())
         return out
 
-    def target_logprobs(self, prompts: list[dict], num_targets: list[int]) -> list[torch.Tensor]:
+    def target_logprobs(self, prompts: list[dict], num_targets: list[int],
+                        projected: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Log-probabilities of each prompt's last ``num_targets[b]`` tokens, given all before.
 
         The scoring function of training losses, rewards and evaluation alike.
         Returns ``[(num_targets[b],)]`` fp32 (differentiable when grads are on).
+        ``projected`` as in :meth:`embed_prompts`.
         """
         out = []
-        for prompt, n, logits in zip(prompts, num_targets, self.target_logits(prompts, num_targets)):
+        for prompt, n, logits in zip(prompts, num_targets, self.target_logits(prompts, num_targets, projected)):
             targets = torch.tensor(prompt["prompt_token_ids"][-n:], device=logits.device)
             out.append(torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1))
         return out

@@ -1136,3 +1136,59 @@ def test_reading_with_the_decoder_frozen_trains_only_the_vectors(tiny_cfg, base_
     cfg = dataclasses.replace(tiny_cfg, reading=dataclasses.replace(tiny_cfg.reading, train_decoder=False, steps=2))
     model = _model(cfg, base_ckpt)
     _assert_stage_trains(model, lambda: reading.train_reading(model, _corpus(model), tmp_path), "decoder", "projector")
+
+
+def test_chunk_contrastive_loss_by_hand(tiny_cfg, base_ckpt):
+    """Vectors that are their own chunks' mean token embeddings score near 0 at a low
+    temperature; the same vectors one chunk off score high; and the value is the cross-entropy
+    of centred cosines, computed here by hand."""
+    from refrag_train.trainer import chunk_contrastive_loss
+    from refrag_vllm.chunks import CompressedChunks
+
+    model = _model(tiny_cfg, base_ckpt)
+    texts = [" ".join(p.split()[i:i + 4]) for p in PASSAGES for i in (0, 8)]  # six distinct chunks
+    items = [CompressedChunks.from_texts(texts[:2]), CompressedChunks.from_texts(texts[2:])]
+    embed = model.refrag.get_input_embeddings()
+    with torch.no_grad():
+        means = torch.stack([embed(torch.tensor(model.tokenizer(t, add_special_tokens=False)["input_ids"])).mean(0)
+                             for t in texts])
+    own = chunk_contrastive_loss(model, items, [means[:2], means[2:]], temperature=0.01)
+    shifted = means.roll(1, 0)
+    off = chunk_contrastive_loss(model, items, [shifted[:2], shifted[2:]], temperature=0.01)
+    assert own.item() < 0.05 and off.item() > 10 * max(own.item(), 0.1)
+    vectors = torch.randn(len(texts), means.shape[1])
+    v = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=-1)
+    t = torch.nn.functional.normalize(means - means.mean(0), dim=-1)
+    by_hand = -torch.log_softmax(v @ t.T / 0.1, -1).diagonal().mean()
+    got = chunk_contrastive_loss(model, items, [vectors[:2], vectors[2:]], temperature=0.1)
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="5 projected vectors for 6 text chunks"):
+        chunk_contrastive_loss(model, items, [vectors[:2], vectors[2:5]], temperature=0.1)
+
+
+def test_reconstruction_with_a_contrastive_term_logs_both_parts_and_lowers_it(tiny_cfg, base_ckpt, tmp_path):
+    """``reconstruction.contrastive_weight``: each logged loss is the NLL plus the weighted
+    contrastive term, the NLL is the plain stage's loss on the same batch, and training lowers
+    the contrastive term on a fixed batch."""
+    import dataclasses
+
+    from refrag_train import reconstruction
+    from refrag_train.trainer import chunk_contrastive_loss, project_sample_items, sample_items
+
+    cfg = dataclasses.replace(tiny_cfg, reconstruction=dataclasses.replace(
+        tiny_cfg.reconstruction, contrastive_weight=0.5, contrastive_temperature=0.1))
+    model = _model(cfg, base_ckpt)
+    corpus = _corpus(model)
+    fixed = reconstruction.make_batch(model, corpus, reconstruction.plan(model), 0)
+
+    def contrastive() -> float:
+        with torch.no_grad():
+            return chunk_contrastive_loss(model, sample_items(fixed), project_sample_items(model.refrag, fixed),
+                                          0.1).item()
+
+    before, first_nll = contrastive(), _loss_on(model, fixed)
+    reconstruction.train_reconstruction(model, corpus, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "reconstruction" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isclose(r["loss"], r["nll"] + 0.5 * r["contrastive"], rel_tol=1e-5) for r in log)
+    assert log[0]["nll"] == pytest.approx(first_nll, rel=1e-5)
+    assert contrastive() < before
