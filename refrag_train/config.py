@@ -180,6 +180,10 @@ class ReadingConfig:
     """n of each recall sample, drawn uniformly from this list."""
     recall_cue_tokens: int = 4
     """Raw tokens of the recalled chunk given before its loss: they say which vector to read."""
+    contrastive_weight: float = 0.0
+    """Weight of reconstruction's contrastive term on the vectors (``ReconstructionConfig``); 0 leaves it out."""
+    contrastive_temperature: float = 0.1
+    """The contrastive term's softmax temperature over cosines."""
 
 
 @dataclass

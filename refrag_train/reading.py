@@ -12,7 +12,8 @@ A share of each batch (``reading.recall_fraction``) can be recall samples
 (:func:`~refrag_train.samples.recall_sample`): one chunk of an n-chunk window, reproduced
 from all n vectors after a few cue tokens, so the decoder learns to find the vector that
 matches the text it is reading among many. The content probe (``refrag_train/ABLATIONS.md``)
-measures what each buys. ``reading.steps = 0`` skips the stage.
+measures what each buys. ``reading.contrastive_weight`` adds reconstruction's contrastive
+term on the vectors. ``reading.steps = 0`` skips the stage.
 
 A second stage of the same kind, ``sequence_reading`` (its own ``[sequence_reading]`` table,
 0 steps by default), follows it on n x k samples (``num_chunks`` > 1): the decoder learns to read
@@ -26,7 +27,7 @@ from pathlib import Path
 from .model import TrainingModel, learning_groups
 from .reconstruction import reconstruction_batch
 from .samples import TokenCorpus, recall_sample
-from .trainer import Stage, nll_loss, step_rng
+from .trainer import Stage, step_rng, vector_loss
 
 NAME = "reading"
 SEQUENCE_NAME = "sequence_reading"
@@ -55,7 +56,8 @@ def train_reading(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, n
     c = getattr(model.cfg, name)
     stage = Stage(name, run_dir, model, learning_groups(c), c.steps, c.lr, c.warmup, use_mlflow=use_mlflow)
     for step in stage.steps():
-        loss = nll_loss(model.refrag, make_batch(model, corpus, step, name))
-        stage.log(step, loss=loss.item(), **stage.update(step, loss))
+        loss, parts = vector_loss(model, make_batch(model, corpus, step, name), c.contrastive_weight,
+                                  c.contrastive_temperature)
+        stage.log(step, loss=loss.item(), **parts, **stage.update(step, loss))
         stage.checkpoint(step)
     return stage.finish()

@@ -17,7 +17,7 @@ from refrag_vllm.prompt import chunk_text
 from .curriculum import curriculum_batches
 from .model import ENCODER_LORA, TrainingModel
 from .samples import TokenCorpus, reconstruction_sample
-from .trainer import Stage, chunk_contrastive_loss, nll_loss, project_sample_items, sample_items, step_rng
+from .trainer import Stage, step_rng, vector_loss
 
 NAME = "reconstruction"
 
@@ -68,14 +68,8 @@ def train_reconstruction(model: TrainingModel, corpus: TokenCorpus, run_dir: Pat
     if stage.step == 0 and not stage.finished and model.refrag.projector.standardize_inputs:
         measure_projector_inputs(model, corpus)
     for step in stage.steps():
-        batch = make_batch(model, corpus, steps, step)
-        projected = project_sample_items(model.refrag, batch)
-        loss = nll_loss(model.refrag, batch, projected)
-        parts = {}
-        if rc.contrastive_weight:
-            contrastive = chunk_contrastive_loss(model, sample_items(batch), projected, rc.contrastive_temperature)
-            parts = {"nll": loss.item(), "contrastive": contrastive.item()}
-            loss = loss + rc.contrastive_weight * contrastive
+        loss, parts = vector_loss(model, make_batch(model, corpus, steps, step), rc.contrastive_weight,
+                                  rc.contrastive_temperature)
         b = steps[step]
         stage.log(step, loss=loss.item(), **parts, **stage.update(step, loss), curriculum_stage=b.stage,
                   num_chunks=b.num_chunks, k=b.chunk_size)

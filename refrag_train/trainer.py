@@ -261,6 +261,19 @@ def chunk_contrastive_loss(model: TrainingModel, items: list[CompressedChunks], 
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(texts), device=logits.device))
 
 
+def vector_loss(model: TrainingModel, samples, contrastive_weight: float = 0.0,
+                temperature: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of a stage that trains the chunk vectors on ``samples``: their NLL, plus
+    ``contrastive_weight`` times :func:`chunk_contrastive_loss` on the same projected vectors.
+    Returns ``(loss, parts)``; ``parts`` holds the two terms for the log (empty without the term)."""
+    projected = project_sample_items(model.refrag, samples)
+    loss = nll_loss(model.refrag, samples, projected)
+    if not contrastive_weight:
+        return loss, {}
+    contrastive = chunk_contrastive_loss(model, sample_items(samples), projected, temperature)
+    return loss + contrastive_weight * contrastive, {"nll": loss.item(), "contrastive": contrastive.item()}
+
+
 def distill_loss(refrag: RefragReferenceModel, teacher: RefragReferenceModel, samples) -> torch.Tensor:
     """Mean over all target positions of KL(teacher || refrag) between next-token
     distributions, ``()``: how far ``refrag`` is from ``teacher`` on ``samples``.  The teacher

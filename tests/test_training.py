@@ -1166,20 +1166,26 @@ def test_chunk_contrastive_loss_by_hand(tiny_cfg, base_ckpt):
         chunk_contrastive_loss(model, items, [vectors[:2], vectors[2:5]], temperature=0.1)
 
 
-def test_reconstruction_with_a_contrastive_term_logs_both_parts_and_lowers_it(tiny_cfg, base_ckpt, tmp_path):
-    """``reconstruction.contrastive_weight``: each logged loss is the NLL plus the weighted
-    contrastive term, the NLL is the plain stage's loss on the same batch, and training lowers
-    the contrastive term on a fixed batch."""
+@pytest.mark.parametrize("stage", ["reconstruction", "reading"])
+def test_a_contrastive_term_is_logged_in_both_parts_and_lowered(stage, tiny_cfg, base_ckpt, tmp_path):
+    """``reconstruction.contrastive_weight`` (and ``reading.``'s): each logged loss is the NLL
+    plus the weighted contrastive term, the NLL is the plain stage's loss on the same batch, and
+    training lowers the contrastive term on a fixed batch."""
     import dataclasses
 
-    from refrag_train import reconstruction
+    from refrag_train import reading, reconstruction
     from refrag_train.trainer import chunk_contrastive_loss, project_sample_items, sample_items
 
-    cfg = dataclasses.replace(tiny_cfg, reconstruction=dataclasses.replace(
-        tiny_cfg.reconstruction, contrastive_weight=0.5, contrastive_temperature=0.1))
+    term = {"contrastive_weight": 0.5, "contrastive_temperature": 0.1}
+    cfg = dataclasses.replace(tiny_cfg, **{stage: dataclasses.replace(getattr(tiny_cfg, stage), **term)})
     model = _model(cfg, base_ckpt)
     corpus = _corpus(model)
-    fixed = reconstruction.make_batch(model, corpus, reconstruction.plan(model), 0)
+    if stage == "reconstruction":
+        fixed = reconstruction.make_batch(model, corpus, reconstruction.plan(model), 0)
+        train = lambda: reconstruction.train_reconstruction(model, corpus, tmp_path)  # noqa: E731
+    else:
+        fixed = reading.make_batch(model, corpus, 0)
+        train = lambda: reading.train_reading(model, corpus, tmp_path)  # noqa: E731
 
     def contrastive() -> float:
         with torch.no_grad():
@@ -1187,8 +1193,8 @@ def test_reconstruction_with_a_contrastive_term_logs_both_parts_and_lowers_it(ti
                                           0.1).item()
 
     before, first_nll = contrastive(), _loss_on(model, fixed)
-    reconstruction.train_reconstruction(model, corpus, tmp_path)
-    log = [json.loads(line) for line in (tmp_path / "reconstruction" / "metrics.jsonl").read_text().splitlines()]
+    train()
+    log = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isclose(r["loss"], r["nll"] + 0.5 * r["contrastive"], rel_tol=1e-5) for r in log)
     assert log[0]["nll"] == pytest.approx(first_nll, rel=1e-5)
     assert contrastive() < before
