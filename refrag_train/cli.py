@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from refrag_vllm.config import chunk_size_arg
-from refrag_vllm.delta import copy_delta
+from refrag_vllm.delta import META, copy_delta
 
 from .config import STAGES
 
@@ -103,8 +103,8 @@ def train_stages(cfg, run_dir: Path, data_dir: Path, stages, *, base_checkpoint=
         if not (folder / "train.jsonl").exists():
             raise SystemExit(f"data.extra_train: {folder}/train.jsonl is missing; prepare it with "
                              f"`refrag-train prepare --domain DOMAIN --out {folder}`")
-    if init is not None and not (Path(init) / "refrag_delta.json").exists():
-        raise SystemExit(f"--init {init}: not a stage's weights (no refrag_delta.json)")
+    if init is not None:
+        stage_weights(init, "--init")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     model = TrainingModel(cfg, base_checkpoint)
@@ -166,6 +166,14 @@ def cmd_train(args) -> None:
     print(f"latest weights: {final}")
 
 
+def stage_weights(folder: str | Path, flag: str) -> Path:
+    """``folder`` if it holds a stage's weights (its ``refrag_delta.json``); else a refusal naming ``flag``."""
+    folder = Path(folder)
+    if not (folder / META).exists():
+        raise SystemExit(f"{flag} {folder}: not a stage's weights (no {META})")
+    return folder
+
+
 def latest_delta(run_dir: Path) -> Path:
     for name in reversed(STAGES):
         final = run_dir / name / "final"
@@ -178,8 +186,9 @@ def cmd_export(args) -> Path:
     from .model import export_checkpoint
 
     cfg = _config(args)
+    weights = stage_weights(args.delta, "--delta") if args.delta else latest_delta(Path(args.run_dir))
     # The shippable form (bf16, no optimizer state): export goes through exactly what ships.
-    delta = copy_delta(latest_delta(Path(args.run_dir)), Path(args.run_dir) / "delta")
+    delta = copy_delta(weights, Path(args.run_dir) / "delta")
     out = export_checkpoint(cfg, delta, args.out, base_checkpoint=args.base_checkpoint, chunk_size=args.chunk_size)
     print(f"wrote checkpoint {out} from {delta}")
     return out
@@ -285,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--chunk-size", type=chunk_size_arg, default=None, metavar="K",
                    help="the k the checkpoint serves at (default: the k the weights were trained for)")
+    p.add_argument("--delta", help="export these stage weights instead of the run's latest, e.g. "
+                   "RUN/reconstruction/final or refrag_train/stage_weights/cpu-reading/reading/final")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("eval", help="Table-1-style log-perplexity evaluation of a checkpoint")

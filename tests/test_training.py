@@ -773,6 +773,29 @@ def test_a_chunk_size_below_one_token_is_refused(trained, tiny_cfg, base_ckpt, t
     assert not (tmp_path / "built").exists() and not (tmp_path / "exported").exists()
 
 
+def test_export_delta_serves_an_earlier_stage(trained, base_ckpt, tmp_path):
+    """``refrag-train export --delta`` exports the stage it is given, not the run's latest; a folder
+    that is not a stage's weights is refused before anything is written."""
+    from safetensors.torch import load_file
+
+    from refrag_train.cli import main as train_main
+    from refrag_vllm.delta import DELTA_DTYPE
+
+    _, delta = trained
+    run, stage = delta.parent, delta.parent / "reconstruction" / "final"
+    with pytest.raises(SystemExit, match="not a stage's weights"):
+        train_main(["export", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "bad"),
+                    "--delta", str(run)])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "run").exists()
+    out = tmp_path / "reconstruction"
+    train_main(["export", "--config", "tiny", "--base-checkpoint", str(base_ckpt), "--run-dir", str(tmp_path / "run"),
+                "--out", str(out), "--delta", str(stage)])
+    exported = load_file(str(out / "model.safetensors"))["projector.fc1.weight"]
+    for weights, same in ((stage, True), (delta, False)):  # delta: the run's latest (SFT) weights
+        fc1 = load_file(str(weights / "refrag_heads.safetensors"))["projector.fc1.weight"]
+        assert torch.equal(exported, fc1.to(DELTA_DTYPE).to(exported.dtype)) is same
+
+
 @pytest.mark.engine
 def test_vllm_and_reference_score_a_trained_checkpoint_identically(trained):
     from helpers import LOGPROB_ATOL, make_llm, shutdown_llm
