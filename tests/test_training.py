@@ -913,13 +913,14 @@ def test_stage_weights_resume_the_cpu_recipe():
 
     root = Path(__file__).resolve().parents[1] / "refrag_train" / "stage_weights"
     runs = sorted(p for p in root.iterdir() if p.is_dir())
-    assert [p.name for p in runs] == ["cpu-policy", "cpu-reading", "cpu-sequence_reading"]
+    assert [p.name for p in runs] == ["cpu-contrastive-reading", "cpu-policy", "cpu-reading", "cpu-sequence_reading"]
     model = TrainingModel(load_config("cpu"))
     for run in runs:
         final = latest_delta(run)
         stage = final.parent.name
-        assert read_delta_meta(final)["stage"] == stage and run.name == f"cpu-{stage}"
-        # cpu-policy is the recipe before its sequence-reading stage (the SFT arms' start, ABLATIONS.md)
+        assert read_delta_meta(final)["stage"] == stage and run.name.endswith(f"-{stage}")
+        # cpu-policy is the recipe before its sequence-reading stage (the SFT arms' start, ABLATIONS.md);
+        # cpu-contrastive-reading the recipe with reconstruction.contrastive_weight = 3, to its reading
         recipe = [s for s in STAGES if s != "sequence_reading" or run.name != "cpu-policy"]
         assert all((run / s / "metrics.jsonl").exists() for s in recipe[: recipe.index(stage) + 1])
         model.load_delta_weights(final)
