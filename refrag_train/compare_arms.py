@@ -15,7 +15,8 @@ when the *recovered* share, a ratio of three rows, hides it.
 Where the eval folder holds Table 1 (``refrag-train eval`` with windows), its rows are paired
 the same way over the windows, with one more row: the content, another window's chunks minus
 REFRAG-k (the served chunk size) per window, where a positive difference means RUN's compressed
-chunks carry more.
+chunks carry more; the QA table gets the same row per question (another question's compressed
+passages minus the question's own).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from refrag_vllm.markdown import table_lines
 
 from .data import read_jsonl
-from .evaluate import window_content
+from .evaluate import QA_CONTROL, window_content
 from .qa_generation import content_recall, paired_difference
 
 ANSWER_FIELDS = ("id", "question", "reference")
@@ -37,6 +38,16 @@ def answer_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
     """``{condition: per-question answer log-PPL}`` of an eval folder's QA table."""
     rows = json.loads((eval_dir / "eval.json").read_text()).get("qa", [])
     return {r["condition"]: r["per_example"] for r in rows}
+
+
+def answer_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``{"content (control − compressed)": per question}``: the answer's log-PPL after another
+    question's compressed passages minus after its own, in nats (higher: the passages carry more);
+    ``{}`` without the control."""
+    if QA_CONTROL not in rows or "Compressed passages" not in rows:
+        return {}
+    return {"content (control − compressed)":
+            [c - t for c, t in zip(rows[QA_CONTROL], rows["Compressed passages"])]}
 
 
 def window_log_ppl(eval_dir: Path) -> dict[str, list[float]]:
@@ -80,7 +91,8 @@ def compare(run: Path, control: Path, eval_name: str = "eval-qa518", answers_nam
         ours, theirs = answer_log_ppl(run / eval_name), answer_log_ppl(control / eval_name)
         if ours and theirs:
             _same_length(ours, theirs, eval_name, "questions")
-            result["answer_log_ppl"] = paired_rows(ours, theirs, lower_is_better=True)
+            result["answer_log_ppl"] = (paired_rows(ours, theirs, lower_is_better=True)
+                                        + paired_rows(answer_content(ours), answer_content(theirs), lower_is_better=False))
     if (run / answers_name / "answers.jsonl").exists() and (control / answers_name / "answers.jsonl").exists():
         (q_ours, ours), (q_theirs, theirs) = answer_recall(run / answers_name), answer_recall(control / answers_name)
         if q_ours != q_theirs:
@@ -92,7 +104,7 @@ def compare(run: Path, control: Path, eval_name: str = "eval-qa518", answers_nam
 def markdown(result: dict) -> str:
     lines = [f"{result['run']} − {result['control']}, paired over the same held-out windows and questions.", ""]
     for key, title in (("window_log_ppl", "Table 1 log-PPL, paired over the windows (lower: better; content: higher)"),
-                       ("answer_log_ppl", "QA answer log-PPL (lower: better)"),
+                       ("answer_log_ppl", "QA answer log-PPL (lower: better; content: higher)"),
                        ("greedy_recall", "greedy content recall (higher: better)")):
         if key in result:
             lines += table_lines([title, "mean ± s.e.", "better / worse"],

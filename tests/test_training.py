@@ -1122,6 +1122,13 @@ def test_compare_arms_pairs_two_runs_question_by_question(tmp_path):
     assert windows["REFRAG16"]["mean"] == pytest.approx(-0.1) and windows["REFRAG16"]["better"] == 1
     content = windows["content (control − REFRAG16)"]  # (0.5, 0.3) against (0.2, 0.4)
     assert content["mean"] == pytest.approx(0.1) and (content["better"], content["worse"]) == (1, 1)
+    # The QA table's content: another question's compressed passages minus the question's own.
+    qa = {"Compressed passages": [2.0, 2.5], "Compressed, another question's passages (control)": [3.0, 2.6]}
+    qa_control = {"Compressed passages": [2.0, 2.0], "Compressed, another question's passages (control)": [2.5, 2.5]}
+    result = compare(arm("q-run", qa, ["Paris", "Paris"]), arm("q-control", qa_control, ["Paris", "Paris"]))
+    answers = {r["condition"]: r for r in result["answer_log_ppl"]}
+    content = answers["content (control − compressed)"]  # (1.0, 0.1) against (0.5, 0.5)
+    assert content["mean"] == pytest.approx(0.05) and (content["better"], content["worse"]) == (1, 1)
 
 
 @pytest.mark.parametrize("change, frozen, learning", [
