@@ -28,7 +28,7 @@ from pathlib import Path
 from refrag_vllm.markdown import table_lines
 
 from .data import read_jsonl
-from .evaluate import QA_CONTROL, window_content
+from .evaluate import QA_COMPRESSED, QA_CONTROL, window_content
 from .qa_generation import content_recall, paired_difference
 
 ANSWER_FIELDS = ("id", "question", "reference")
@@ -44,10 +44,10 @@ def answer_content(rows: dict[str, list[float]]) -> dict[str, list[float]]:
     """``{"content (control − compressed)": per question}``: the answer's log-PPL after another
     question's compressed passages minus after its own, in nats (higher: the passages carry more);
     ``{}`` without the control."""
-    if QA_CONTROL not in rows or "Compressed passages" not in rows:
+    if QA_CONTROL not in rows or QA_COMPRESSED not in rows:
         return {}
     return {"content (control − compressed)":
-            [c - t for c, t in zip(rows[QA_CONTROL], rows["Compressed passages"])]}
+            [c - t for c, t in zip(rows[QA_CONTROL], rows[QA_COMPRESSED])]}
 
 
 def window_log_ppl(eval_dir: Path) -> dict[str, list[float]]:

@@ -123,6 +123,7 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
     return conds, num_expanded(L, p)
 
 
+QA_COMPRESSED = "Compressed passages"
 QA_CONTROL = "Compressed, another question's passages (control)"
 
 
@@ -133,11 +134,11 @@ def qa_conditions(builder: RefragPromptBuilder, examples: list[dict], eos_id: in
     from .qa_generation import control_examples
     from .samples import qa_sample
 
-    conds: dict[str, list[Sample]] = {"No passages": [], "Compressed passages": [], "Raw passages": []}
+    conds: dict[str, list[Sample]] = {"No passages": [], QA_COMPRESSED: [], "Raw passages": []}
     for ex in examples:
         q, a, ps = ex["question"], ex["answer"], ex["passages"]
         conds["No passages"].append(qa_sample(builder, q, [], a, eos_id))
-        conds["Compressed passages"].append(qa_sample(builder, q, ps, a, eos_id))
+        conds[QA_COMPRESSED].append(qa_sample(builder, q, ps, a, eos_id))
         conds["Raw passages"].append(qa_sample(builder, q, ps, a, eos_id, expand=builder.every_chunk(ps)))
     others = control_examples(examples)
     if others:
