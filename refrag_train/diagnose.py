@@ -20,11 +20,23 @@ projected norm against the decoder's token-embedding norm.
 
 A few hundred reconstruction steps tell which design learns content; a full recipe
 takes an hour.  Every ablation (``refrag_train/ABLATIONS.md``) and shipped table reports it.
+
+    python -m refrag_train.diagnose --checkpoint CKPT --data DIR --readout [--out DIR]
+
+``--readout`` asks where the continuation's content is lost instead: in the vectors or in
+their reading.  On Table 1's windows (:mod:`refrag_train.evaluate`, the same seed) the
+decoder reads each context chunk back as text from its vector alone (BOS, the vector, k
+greedy tokens: the probe's 1xk reconstruction, decoded), and the same decoder continues
+from that text as raw tokens.  Its content (another window's read-out minus the window's
+own) is what the vectors hold that a reader can use, set beside what the decoder takes
+from the vectors directly (REFRAG-k against another window's chunks) and what the raw
+tokens give (full context against another window's tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -36,7 +48,8 @@ from refrag_vllm.markdown import table_lines
 from refrag_vllm.prompt import chunk_text
 
 from .data import read_jsonl
-from .evaluate import score_samples
+from .evaluate import RAW_CONTROL, score_samples
+from .qa_generation import paired_difference
 from .samples import TokenCorpus, context_sample, lm_sample, split_chunks
 
 SHAPES = ((1, 16), (4, 16))
@@ -99,6 +112,127 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
     return {"start_token": start, "shapes": rows, "geometry": geometry}
 
 
+@torch.no_grad()
+def read_out(model, tokenizer, chunks: list[list[int]], *, start: bool = True, batch_size: int = 64) -> list[list[int]]:
+    """Each chunk as the decoder reads it back from its vector alone: BOS, the chunk's
+    projected vector, then ``len(chunk)`` greedy tokens.  Returns ``[[len(chunk)]]``."""
+    from tqdm import tqdm
+
+    pid = model.refrag_config.placeholder_token_id
+    embed = model.get_input_embeddings()
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(chunks), batch_size), desc="reading chunks out", unit="batch", leave=False):
+        batch = chunks[i : i + batch_size]
+        # Every prompt is [BOS] + one vector: the same length, so no padding.
+        prompts = [context_sample(tokenizer, pid, c, [], len(c), num_targets=0, start=start).prompt for c in batch]
+        inputs_embeds, _ = model.embed_prompts(prompts)
+        step = model(inputs_embeds=inputs_embeds, use_cache=True)
+        tokens = []
+        for _ in range(max(map(len, batch))):
+            nxt = step.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            step = model(inputs_embeds=embed(nxt[:, None]), past_key_values=step.past_key_values, use_cache=True)
+        decoded = torch.stack(tokens, 1).tolist()
+        out += [d[: len(c)] for d, c in zip(decoded, batch)]
+    return out
+
+
+READOUT = "Read-out context"
+READOUT_CONTROL = "Read-out, another window's (control)"
+
+
+def readout_content(model, tokenizer, texts: list[str], *, context_tokens: int = 256, continuation_tokens: int = 64,
+                    k: int | None = None, num_windows: int = 64, seed: int = 0, batch_size: int = 8,
+                    start: bool = True, examples: int = 3, reader=None) -> dict:
+    """Table 1's content three ways, on its windows: read-out text, compressed chunks, raw tokens.
+
+    ``reader``: another model (the same tokenizer) whose own vectors are read out by its own
+    decoder, for ``model`` to continue from; by default ``model`` reads out its own.
+
+    Returns ``{"rows": [{condition, log_ppl, gap_recovered, per_window}], "content": {read_out,
+    compressed, raw: paired_difference (another window's context - the window's own), nats per
+    token}, "read_out_minus_compressed", "token_accuracy", "token_recall", "examples"}``:
+    ``token_accuracy`` is the share of context tokens read out in their place, ``token_recall``
+    the mean share of a chunk's distinct tokens found anywhere in its read-out.
+    """
+    s, o = context_tokens, continuation_tokens
+    k = k or model.refrag_config.chunk_size
+    pid = model.refrag_config.placeholder_token_id
+    corpus = TokenCorpus.from_texts(texts, tokenizer, desc="tokenizing held-out")
+    windows = corpus.windows(s + o, num_windows, seed)  # Table 1's windows
+    contexts = [w[:s] for w in windows]
+    per_context = [len(split_chunks(ctx, k)) for ctx in contexts]
+    chunks = [c for ctx in contexts for c in split_chunks(ctx, k)]
+    read_chunks = read_out(reader or model, tokenizer, chunks, start=start)
+    ends = list(itertools.accumulate(per_context))
+    read = [[t for r in read_chunks[end - n : end] for t in r] for n, end in zip(per_context, ends)]
+
+    def continuing(context: list[int], w: list[int], compressed: bool = False):
+        if compressed:
+            return context_sample(tokenizer, pid, context, w[s:], k, num_targets=o - 1, start=start)
+        return lm_sample(tokenizer, pid, context + w[s:], o - 1, start)
+
+    def another(xs: list, i: int):  # the control's pairing, as Table 1's
+        return xs[(i + 1) % len(xs)]
+
+    compressed, compressed_control = f"REFRAG{k}", f"REFRAG{k}, another window's chunks (control)"
+    conditions = {
+        "No context": [continuing([], w) for w in windows],
+        "Full context": [continuing(w[:s], w) for w in windows],
+        RAW_CONTROL: [continuing(another(contexts, i), w) for i, w in enumerate(windows)],
+        READOUT: [continuing(read[i], w) for i, w in enumerate(windows)],
+        READOUT_CONTROL: [continuing(another(read, i), w) for i, w in enumerate(windows)],
+        compressed: [continuing(w[:s], w, True) for w in windows],
+        compressed_control: [continuing(another(contexts, i), w, True) for i, w in enumerate(windows)],
+    }
+    nll = {name: score_samples(model, samples, batch_size, name) for name, samples in conditions.items()}
+    mean = {name: statistics.fmean(v) for name, v in nll.items()}
+    gap = mean["No context"] - mean["Full context"]
+    pairs = {"read_out": (READOUT_CONTROL, READOUT), "compressed": (compressed_control, compressed),
+             "raw": (RAW_CONTROL, "Full context")}
+    per_window = {key: [c - t for c, t in zip(nll[control], nll[treatment])] for key, (control, treatment) in pairs.items()}
+    matched = [a == b for c, r in zip(chunks, read_chunks) for a, b in zip(c, r)]
+    return {
+        "context_tokens": s, "continuation_tokens": o, "k": k, "num_windows": len(windows),
+        "rows": [{"condition": name, "log_ppl": mean[name], "per_window": v,
+                  "gap_recovered": (mean["No context"] - mean[name]) / gap if gap > 0 else None}
+                 for name, v in nll.items()],
+        "content": {key: paired_difference(nll[control], nll[treatment]) for key, (control, treatment) in pairs.items()},
+        "read_out_minus_compressed": paired_difference(per_window["read_out"], per_window["compressed"]),
+        "token_accuracy": sum(matched) / len(matched),
+        "token_recall": statistics.fmean(len(set(c) & set(r)) / len(set(c)) for c, r in zip(chunks, read_chunks)),
+        "examples": [{"chunk": tokenizer.decode(c), "read_out": tokenizer.decode(r)}
+                     for c, r in zip(chunks[:examples], read_chunks[:examples])],
+    }
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: its repr, pipes escaped."""
+    return repr(text).replace("|", "\\|")
+
+
+def readout_markdown(result: dict) -> str:
+    lines = [f"Log-perplexity of {result['continuation_tokens'] - 1} continuation tokens after "
+             f"s={result['context_tokens']} context tokens, {result['num_windows']} windows (Table 1's); "
+             f"*read-out*: each chunk of k={result['k']} read back as text from its vector alone"
+             f"{' by ' + result['reader'] if result.get('reader') else ''}, then continued from as raw tokens.", ""]
+    lines += table_lines(["Condition", "log-PPL", "gap recovered"],
+                         [(r["condition"], f"{r['log_ppl']:.3f}",
+                           "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%")
+                          for r in result["rows"]])
+    c, d = result["content"], result["read_out_minus_compressed"]
+    lines += ["", "Content, another window's context minus the window's own (nats per token, paired over the windows):", ""]
+    lines += table_lines(["context as", "content"],
+                         [(name, f"{c[key]['mean']:+.3f} ± {c[key]['se']:.3f}") for name, key in
+                          (("read-out text", "read_out"), ("compressed chunks", "compressed"), ("raw tokens", "raw"))])
+    lines += ["", f"Read-out minus compressed: {d['mean']:+.3f} ± {d['se']:.3f} nats ({d['wins']} of "
+                  f"{result['num_windows']} windows higher). Read-out tokens in place: "
+                  f"{100 * result['token_accuracy']:.1f}%; a chunk's distinct tokens found in its read-out: "
+                  f"{100 * result['token_recall']:.1f}%.", ""]
+    lines += table_lines(["chunk", "read out"], [(_cell(e["chunk"]), _cell(e["read_out"])) for e in result["examples"]])
+    return "\n".join(lines) + "\n"
+
+
 def probe_markdown(result: dict) -> str:
     lines = table_lines(
         ["probe", "own", "other", "mean", "none", "other - own", "mean - own"],
@@ -134,14 +268,20 @@ def main() -> None:
                                                 "else data/python-docs)")
     p.add_argument("--out", default=None, help="write probe.json and probe.md here")
     p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--readout", action="store_true",
+                   help="instead of the probe: Table 1's content from chunks read back out as text (readout.json, readout.md)")
+    p.add_argument("--k", type=int, default=None, help="with --readout: the chunk size (default: the checkpoint's)")
+    p.add_argument("--reader", help="with --readout: this checkpoint reads its own vectors out (default: the model itself)")
     p.add_argument("--no-bos", action="store_true", help="samples without the leading BOS (the old layout; "
                                                          "a run trained with run.bos_first=false is probed so)")
     args = p.parse_args()
+    if (args.reader or args.k) and not args.readout:
+        p.error("--reader and --k go with --readout")
     torch.set_num_threads(2)
+    from refrag_vllm.reference import RefragReferenceModel
+
     if args.checkpoint:
         from transformers import AutoTokenizer
-
-        from refrag_vllm.reference import RefragReferenceModel
 
         model = RefragReferenceModel.load(args.checkpoint, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -161,8 +301,23 @@ def main() -> None:
         trained_with_bos = cfg.run.bos_first
     else:
         p.error("give --checkpoint or --run-dir")
-    result = content_probe(model, tokenizer, probe_texts(data), num_windows=args.windows,
-                           start=trained_with_bos and not args.no_bos)
+    start = trained_with_bos and not args.no_bos
+    if args.readout:
+        reader = RefragReferenceModel.load(args.reader, dtype=torch.float32) if args.reader else None
+        result = readout_content(model, tokenizer, probe_texts(data), num_windows=args.windows, start=start,
+                                 reader=reader, k=args.k)
+        result["reader"] = args.reader
+        print(readout_markdown(result))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "readout.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / "readout.md").write_text(readout_markdown(result))
+            from .plots import plot_readout
+
+            plot_readout(result, out / "readout.png")
+        return
+    result = content_probe(model, tokenizer, probe_texts(data), num_windows=args.windows, start=start)
     print(probe_markdown(result))
     if args.out:
         write_probe(result, args.out)

@@ -1,5 +1,6 @@
 """Training curves (one panel per stage, from each stage's ``metrics.jsonl``), and where in a
-continuation the context helps (from an evaluation's ``eval.json``)."""
+continuation the context helps (from an evaluation's ``eval.json``), and what the chunks hold as
+text (from the read-out's ``readout.json``)."""
 
 from __future__ import annotations
 
@@ -81,4 +82,20 @@ def plot_content_by_position(result: dict, out_png: str | Path) -> Path:
     ax.set_title(f"{result['num_windows']} held-out windows, s={result['context_tokens']}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
+def plot_readout(result: dict, out_png: str | Path) -> Path:
+    """The read-out's content line as bars (nats per token, ± one standard error): what a window's
+    own context gives over another window's as raw tokens, as its chunks read back out as text,
+    and as compressed chunks.  ``result``: a ``readout.json``."""
+    plt = _pyplot()
+    bars = (("raw tokens", "raw", "C0"), ("read-out text", "read_out", "C2"), ("compressed chunks", "compressed", "C3"))
+    content = result["content"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.bar([b[0] for b in bars], [content[b[1]]["mean"] for b in bars],
+           yerr=[content[b[1]]["se"] for b in bars], color=[b[2] for b in bars], capsize=4)
+    ax.set_ylabel("content, nats per token")
+    ax.set_title(f"{result['num_windows']} held-out windows, s={result['context_tokens']}, k={result['k']}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_png)

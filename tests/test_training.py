@@ -1,6 +1,7 @@
 """The training package on tiny random models: curriculum, policy maths, every stage, resume, export."""
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -873,6 +874,42 @@ def test_evaluation_writes_the_table(trained, tiny_cfg, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["num_windows"] == tiny_cfg.eval.num_windows
 
 
+def test_readout_reads_each_chunk_back_and_scores_table1s_windows(trained, tiny_cfg, tmp_path):
+    """The read-out: each chunk decoded greedily from its vector alone (batched, as one-by-one
+    decoding gives it), then continued from as raw tokens, on Table 1's own windows and rows."""
+    from transformers import AutoTokenizer
+
+    from refrag_train.diagnose import READOUT, READOUT_CONTROL, read_out, readout_content, readout_markdown
+    from refrag_train.evaluate import RAW_CONTROL, evaluate
+    from refrag_train.samples import TokenCorpus, context_sample, split_chunks
+    from refrag_vllm.reference import RefragReferenceModel
+
+    ckpt, _ = trained
+    model = RefragReferenceModel.load(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    e, k = tiny_cfg.eval, model.refrag_config.chunk_size
+    pid = model.refrag_config.placeholder_token_id
+    chunks = split_chunks(TokenCorpus.from_texts(_corpus_texts()[:1], tokenizer).docs[0][:3 * k].tolist(), k)
+    one_by_one = [model.greedy_generate(context_sample(tokenizer, pid, c, [], k, num_targets=0).prompt, k).token_ids
+                  for c in chunks]
+    assert read_out(model, tokenizer, chunks, batch_size=2) == one_by_one
+
+    result = readout_content(model, tokenizer, _corpus_texts(), context_tokens=e.context_tokens,
+                             continuation_tokens=e.continuation_tokens, num_windows=e.num_windows)
+    table1 = evaluate(ckpt, _corpus_texts(), dataclasses.replace(e, probe_windows=0), tmp_path)
+    rows = {r["condition"]: r for r in result["rows"]}
+    for name in ("No context", "Full context", RAW_CONTROL, f"REFRAG{k}", f"REFRAG{k}, another window's chunks (control)"):
+        assert rows[name]["per_window"] == pytest.approx(
+            next(r for r in table1["rows"] if r["condition"] == name)["per_window"], abs=1e-5)
+    content = result["content"]
+    assert content["raw"]["mean"] == pytest.approx(rows[RAW_CONTROL]["log_ppl"] - rows["Full context"]["log_ppl"])
+    assert content["read_out"]["mean"] == pytest.approx(rows[READOUT_CONTROL]["log_ppl"] - rows[READOUT]["log_ppl"])
+    assert result["read_out_minus_compressed"]["mean"] == pytest.approx(
+        content["read_out"]["mean"] - content["compressed"]["mean"])
+    assert 0 <= result["token_accuracy"] <= 1 and 0 <= result["token_recall"] <= 1
+    assert "| Read-out context |" in readout_markdown(result)
+
+
 def test_shipped_delta_is_small_and_complete():
     from refrag_vllm.delta import SHIPPED_DELTA, read_delta_meta
 
@@ -913,14 +950,16 @@ def test_stage_weights_resume_the_cpu_recipe():
 
     root = Path(__file__).resolve().parents[1] / "refrag_train" / "stage_weights"
     runs = sorted(p for p in root.iterdir() if p.is_dir())
-    assert [p.name for p in runs] == ["cpu-contrastive-reading", "cpu-policy", "cpu-reading", "cpu-sequence_reading"]
+    assert [p.name for p in runs] == ["cpu-contrastive-reading", "cpu-policy", "cpu-prose-reading", "cpu-reading",
+                                      "cpu-sequence_reading"]
     model = TrainingModel(load_config("cpu"))
     for run in runs:
         final = latest_delta(run)
         stage = final.parent.name
         assert read_delta_meta(final)["stage"] == stage and run.name.endswith(f"-{stage}")
         # cpu-policy is the recipe before its sequence-reading stage (the SFT arms' start, ABLATIONS.md);
-        # cpu-contrastive-reading the recipe with reconstruction.contrastive_weight = 3, to its reading
+        # cpu-contrastive-reading the recipe with reconstruction.contrastive_weight = 3, to its reading;
+        # cpu-prose-reading that reading continued on the fortunes
         recipe = [s for s in STAGES if s != "sequence_reading" or run.name != "cpu-policy"]
         assert all((run / s / "metrics.jsonl").exists() for s in recipe[: recipe.index(stage) + 1])
         model.load_delta_weights(final)
