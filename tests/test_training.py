@@ -950,8 +950,8 @@ def test_stage_weights_resume_the_cpu_recipe():
 
     root = Path(__file__).resolve().parents[1] / "refrag_train" / "stage_weights"
     runs = sorted(p for p in root.iterdir() if p.is_dir())
-    assert [p.name for p in runs] == ["cpu-contrastive-reading", "cpu-policy", "cpu-prose-reading", "cpu-reading",
-                                      "cpu-sequence_reading"]
+    assert [p.name for p in runs] == ["cpu-contrastive-reading", "cpu-mix-reading", "cpu-policy", "cpu-prose-reading",
+                                      "cpu-reading", "cpu-sequence_reading"]
     model = TrainingModel(load_config("cpu"))
     for run in runs:
         final = latest_delta(run)
@@ -959,7 +959,7 @@ def test_stage_weights_resume_the_cpu_recipe():
         assert read_delta_meta(final)["stage"] == stage and run.name.endswith(f"-{stage}")
         # cpu-policy is the recipe before its sequence-reading stage (the SFT arms' start, ABLATIONS.md);
         # cpu-contrastive-reading the recipe with reconstruction.contrastive_weight = 3, to its reading;
-        # cpu-prose-reading that reading continued on the fortunes
+        # cpu-prose-reading that reading continued on the fortunes, cpu-mix-reading on them and the Python docs
         recipe = [s for s in STAGES if s != "sequence_reading" or run.name != "cpu-policy"]
         assert all((run / s / "metrics.jsonl").exists() for s in recipe[: recipe.index(stage) + 1])
         model.load_delta_weights(final)
