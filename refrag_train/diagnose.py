@@ -50,7 +50,7 @@ from refrag_vllm.prompt import chunk_text
 from .data import read_jsonl
 from .evaluate import RAW_CONTROL, score_samples
 from .qa_generation import paired_difference
-from .samples import TokenCorpus, context_sample, lm_sample, split_chunks
+from .samples import TokenCorpus, context_sample, control_partners, lm_sample, split_chunks
 
 SHAPES = ((1, 16), (4, 16))
 CONDITIONS = ("own", "other", "mean", "none")
@@ -86,8 +86,8 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
         mean_item = CompressedChunks.from_projected_embeds(mean.expand(n, -1).float().contiguous())
         samples = {
             "own": [context_sample(tokenizer, pid, w, w, k, start=start) for w in windows],
-            "other": [context_sample(tokenizer, pid, windows[(i + 1) % len(windows)], w, k, start=start)
-                      for i, w in enumerate(windows)],
+            "other": [context_sample(tokenizer, pid, other, w, k, start=start)
+                      for other, w in zip(control_partners(windows), windows)],
             "mean": [lm_sample(tokenizer, pid, [mean_item] + w, len(w), start) for w in windows],
             # Without BOS the first token has nothing before it to be predicted from.
             "none": [lm_sample(tokenizer, pid, w, len(w) if start else len(w) - 1, start) for w in windows],
@@ -127,11 +127,10 @@ def read_out(model, tokenizer, chunks: list[list[int]], *, start: bool = True, b
         prompts = [context_sample(tokenizer, pid, c, [], len(c), num_targets=0, start=start).prompt for c in batch]
         inputs_embeds, _ = model.embed_prompts(prompts)
         step = model(inputs_embeds=inputs_embeds, use_cache=True)
-        tokens = []
-        for _ in range(max(map(len, batch))):
-            nxt = step.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            step = model(inputs_embeds=embed(nxt[:, None]), past_key_values=step.past_key_values, use_cache=True)
+        tokens = [step.logits[:, -1].argmax(-1)]
+        while len(tokens) < max(map(len, batch)):  # no forward pass after the last token
+            step = model(inputs_embeds=embed(tokens[-1][:, None]), past_key_values=step.past_key_values, use_cache=True)
+            tokens.append(step.logits[:, -1].argmax(-1))
         decoded = torch.stack(tokens, 1).tolist()
         out += [d[: len(c)] for d, c in zip(decoded, batch)]
     return out
@@ -172,18 +171,15 @@ def readout_content(model, tokenizer, texts: list[str], *, context_tokens: int =
             return context_sample(tokenizer, pid, context, w[s:], k, num_targets=o - 1, start=start)
         return lm_sample(tokenizer, pid, context + w[s:], o - 1, start)
 
-    def another(xs: list, i: int):  # the control's pairing, as Table 1's
-        return xs[(i + 1) % len(xs)]
-
     compressed, compressed_control = f"REFRAG{k}", f"REFRAG{k}, another window's chunks (control)"
     conditions = {
         "No context": [continuing([], w) for w in windows],
         "Full context": [continuing(w[:s], w) for w in windows],
-        RAW_CONTROL: [continuing(another(contexts, i), w) for i, w in enumerate(windows)],
-        READOUT: [continuing(read[i], w) for i, w in enumerate(windows)],
-        READOUT_CONTROL: [continuing(another(read, i), w) for i, w in enumerate(windows)],
+        RAW_CONTROL: [continuing(other, w) for other, w in zip(control_partners(contexts), windows)],
+        READOUT: [continuing(r, w) for r, w in zip(read, windows)],
+        READOUT_CONTROL: [continuing(other, w) for other, w in zip(control_partners(read), windows)],
         compressed: [continuing(w[:s], w, True) for w in windows],
-        compressed_control: [continuing(another(contexts, i), w, True) for i, w in enumerate(windows)],
+        compressed_control: [continuing(other, w, True) for other, w in zip(control_partners(contexts), windows)],
     }
     nll = {name: score_samples(model, samples, batch_size, name) for name, samples in conditions.items()}
     mean = {name: statistics.fmean(v) for name, v in nll.items()}
@@ -307,12 +303,13 @@ def main() -> None:
         result = readout_content(model, tokenizer, probe_texts(data), num_windows=args.windows, start=start,
                                  reader=reader, k=args.k)
         result["reader"] = args.reader
-        print(readout_markdown(result))
+        table = readout_markdown(result)
+        print(table)
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "readout.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / "readout.md").write_text(readout_markdown(result))
+            (out / "readout.md").write_text(table)
             from .plots import plot_readout
 
             plot_readout(result, out / "readout.png")

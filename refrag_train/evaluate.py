@@ -45,7 +45,7 @@ from refrag_vllm.reference import RefragReferenceModel
 
 from .config import EvalConfig
 from .qa_generation import paired_difference
-from .samples import Sample, TokenCorpus, context_sample, lm_sample, random_expansion, split_chunks
+from .samples import Sample, TokenCorpus, context_sample, control_partners, lm_sample, random_expansion, split_chunks
 
 
 def score_tokens(model: RefragReferenceModel, samples: list[Sample], batch_size: int, desc: str) -> list[list[float]]:
@@ -99,7 +99,7 @@ def lm_conditions(model: RefragReferenceModel, tokenizer, windows: list[list[int
             context_sample(tokenizer, pid, ctx, cont, kp, random_expansion(L, p, rng), num_targets=o - 1))
     # Control: the right continuation after another window's compressed context.  If this
     # scores like REFRAG-kp, the compressed chunks carry no content the decoder uses.
-    other_ctx = [windows[(i + 1) % len(windows)][:s] for i in range(len(windows))]
+    other_ctx = [w[:s] for w in control_partners(windows)]
     conds[f"REFRAG{kp}, another window's chunks (control)"] = [
         context_sample(tokenizer, pid, other, w[s:], kp, num_targets=o - 1) for other, w in zip(other_ctx, windows)
     ]

@@ -84,6 +84,12 @@ class TokenCorpus:
         return out[:count]
 
 
+def control_partners(items: Sequence) -> list:
+    """Each item's control partner, the next one (the last's is the first): another window's
+    context, paired so in Table 1, the probe and the read-out alike."""
+    return list(items[1:]) + list(items[:1])
+
+
 def split_chunks(tokens: Sequence[int], k: int) -> list[list[int]]:
     return [list(tokens[i : i + k]) for i in range(0, len(tokens), k)]
 
