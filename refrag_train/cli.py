@@ -66,6 +66,11 @@ def _prepare_domain(args) -> dict:
         from .data.kjv import prepare_kjv
 
         return prepare_kjv(args.out, source=args.source)
+    elif args.domain == "austen":
+        from .data.austen import AUSTEN_DIR, prepare_austen
+
+        return prepare_austen(args.out, source=args.source or AUSTEN_DIR,
+                              heldout_fraction=args.heldout_fraction, seed=args.seed)
     elif args.domain == "fortunes":
         from .data.fortunes import FORTUNES_DIR, prepare_fortunes
 
@@ -255,14 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="jsonl train/held-out documents and QA from the Python docs "
                                        "(or a held-out second domain)")
     p.add_argument("--out", default="data/python-docs")
-    p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "gcide", "kjv"), default="python-docs",
+    p.add_argument("--domain", choices=("python-docs", "linux-doc", "fortunes", "austen", "gcide", "kjv"), default="python-docs",
                    help="linux-doc: the kernel's reST documentation (apt-get install linux-doc), "
                         "extra training prose or held-out software documentation; fortunes: general "
-                        "English (apt-get install fortunes), extra training prose; gcide: English "
+                        "English (apt-get install fortunes), extra training prose; austen: Jane Austen's novels "
+                        "(apt-get install r-cran-janeaustenr), extra training narrative; gcide: English "
                         "dictionary prose (apt-get install dict-gcide), evaluation only; kjv: the King "
                         "James Bible's narrative prose (apt-get install bible-kjv), evaluation only")
     p.add_argument("--source", default=None, help="reST sources (default: python3-doc's html/_sources), "
-                                                  "or with --domain gcide/fortunes their data folder, "
+                                                  "or with --domain gcide/fortunes/austen their data folder, "
                                                   "or with --domain kjv a file of `bible -l1000 Gen1:1-Rev22:21` output")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--max-train-chars", type=int, default=None,

@@ -229,6 +229,10 @@ class CPTConfig:
     KL(base decoder reading the context as raw tokens || model reading it compressed) over
     the continuation, instead of NLL: the teacher's whole next-token distributions, which
     is the answer REFRAG promises (the uncompressed model's)."""
+    distill_teacher: str = "raw"
+    """What the base decoder reads as the context when it teaches: ``raw``, the context's own
+    tokens; ``readout``, each compressed chunk as the model reads it back from its vector
+    (k greedy tokens, no gradient), a context whose content the vectors can reach."""
 
 
 @dataclass

@@ -8,7 +8,9 @@ content stays readable while the decoder adapts, and a share of the next-paragra
 samples (``plain_fraction``) have no context, so the decoder keeps its plain language
 modelling.  With ``distill_weight``, the next-paragraph samples learn the base
 decoder's next-token distributions after the same context as raw tokens (KL), instead
-of the corpus's one next token.  The encoder
+of the corpus's one next token; with ``distill_teacher = "readout"`` the base decoder reads
+each compressed chunk as the model reads it back from its vector instead, a teacher whose
+content the vectors can reach.  The encoder
 LoRA (with ``train_encoder``), the projector (unless ``train_projector`` is false) and the
 decoder's LoRA (with ``train_decoder``) learn.
 """
@@ -21,8 +23,8 @@ from pathlib import Path
 
 from .curriculum import curriculum_batches
 from .model import DECODER_LORA, TrainingModel, learning_groups
-from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample
-from .trainer import Stage, distill_loss, nll_loss, step_rng
+from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample, split_chunks
+from .trainer import Stage, distill_loss, nll_loss, read_out, step_rng
 
 NAME = "cpt"
 
@@ -43,18 +45,47 @@ def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks:
     ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict
     (``num_chunks = 0``: BOS, then the o tokens).
     ``with_teacher``: its ``teacher_prompt`` holds the same context as raw tokens."""
+    context, continuation, expand = draw_paragraph(model, corpus, num_chunks, k, rng)
+    return paragraph_sample(model, context, continuation, k, expand, context if with_teacher else None)
+
+
+def draw_paragraph(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
+                   rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """A window's ``num_chunks * k`` context tokens, its o continuation tokens, and the chunks
+    kept raw (with probability ``mixed_fraction``, a random p of them)."""
     c = model.cfg.cpt
     s = num_chunks * k
     window = corpus.window(s + c.continuation_tokens, rng)
     mixed = rng.random() < c.mixed_fraction
     expand = random_expansion(num_chunks, c.expand_fraction, rng) if mixed else []
-    sample = context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k, expand,
-                            start=model.cfg.run.bos_first)
-    if with_teacher:
-        raw = context_sample(model.tokenizer, model.placeholder_id, window[:s], window[s:], k,
-                             range(num_chunks), start=model.cfg.run.bos_first)
+    return window[:s], window[s:], expand
+
+
+def paragraph_sample(model: TrainingModel, context: list[int], continuation: list[int], k: int,
+                     expand, teacher_context: list[int] | None = None) -> Sample:
+    """BOS, ``context`` in chunks of k (``expand`` raw), then ``continuation`` to predict;
+    ``teacher_context``: what the teacher reads instead, as raw tokens (``teacher_prompt``)."""
+    start = model.cfg.run.bos_first
+    sample = context_sample(model.tokenizer, model.placeholder_id, context, continuation, k, expand, start=start)
+    if teacher_context is not None:
+        raw = context_sample(model.tokenizer, model.placeholder_id, teacher_context, continuation, k,
+                             range(len(split_chunks(teacher_context, k))), start=start)
         sample = dataclasses.replace(sample, teacher_prompt=raw.prompt)
     return sample
+
+
+def read_out_contexts(model: TrainingModel, drawn: list[tuple[list[int], list[int], list[int]]], k: int
+                      ) -> list[list[int]]:
+    """Each drawn context with its compressed chunks replaced by what the decoder reads back
+    from their vectors (k greedy tokens each, one batched read-out), its raw chunks kept."""
+    chunks = [split_chunks(context, k) for context, _, _ in drawn]
+    compressed = [(i, j) for i, (_, _, expand) in enumerate(drawn) for j in range(len(chunks[i]))
+                  if j not in expand]
+    back = read_out(model.refrag, model.tokenizer, [chunks[i][j] for i, j in compressed],
+                    start=model.cfg.run.bos_first, progress=False)
+    for (i, j), tokens in zip(compressed, back):
+        chunks[i][j] = tokens
+    return [[t for chunk in window for t in chunk] for window in chunks]
 
 
 def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
@@ -63,7 +94,7 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
     b = steps[step]
     c = model.cfg.cpt
     rng = step_rng(model.cfg.run.seed, NAME, step)
-    batch, paragraphs = [], []
+    batch, drawn = [], []
     for _ in range(b.batch_size):
         if c.reconstruction_fraction and rng.random() < c.reconstruction_fraction:
             n = min(b.num_chunks, c.reconstruction_max_chunks)
@@ -72,13 +103,24 @@ def make_batch(model: TrainingModel, corpus: TokenCorpus, steps, step: int):
                                                start=model.cfg.run.bos_first))
         else:
             n = 0 if c.plain_fraction and rng.random() < c.plain_fraction else b.num_chunks
-            sample = next_paragraph_sample(model, corpus, n, b.chunk_size, rng, with_teacher=bool(c.distill_weight))
-            (paragraphs if c.distill_weight else batch).append(sample)
-    return {"reconstruction": batch, "paragraph": paragraphs} if c.distill_weight else batch
+            context, continuation, expand = draw_paragraph(model, corpus, n, b.chunk_size, rng)
+            if c.distill_weight:  # scored apart, once every teacher context is known
+                drawn.append((context, continuation, expand))
+            else:
+                batch.append(paragraph_sample(model, context, continuation, b.chunk_size, expand))
+    if not c.distill_weight:
+        return batch
+    teachers = ([context for context, _, _ in drawn] if c.distill_teacher == "raw"
+                else read_out_contexts(model, drawn, b.chunk_size))
+    return {"reconstruction": batch,
+            "paragraph": [paragraph_sample(model, context, continuation, b.chunk_size, expand, teacher)
+                          for (context, continuation, expand), teacher in zip(drawn, teachers)]}
 
 
 def train_cpt(model: TrainingModel, corpus: TokenCorpus, run_dir: Path, *, use_mlflow: bool = False) -> Path:
     c = model.cfg.cpt
+    if c.distill_teacher not in ("raw", "readout"):
+        raise ValueError(f"cpt: distill_teacher is 'raw' or 'readout', not {c.distill_teacher!r}")
     steps = plan(model)
     groups = learning_groups(c)
     stage = Stage(NAME, run_dir, model, groups, len(steps), c.lr, c.warmup,

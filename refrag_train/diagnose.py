@@ -51,6 +51,7 @@ from .data import read_jsonl
 from .evaluate import RAW_CONTROL, score_samples
 from .qa_generation import paired_difference
 from .samples import TokenCorpus, context_sample, control_partners, lm_sample, split_chunks
+from .trainer import read_out
 
 SHAPES = ((1, 16), (4, 16))
 CONDITIONS = ("own", "other", "mean", "none")
@@ -110,30 +111,6 @@ def content_probe(model, tokenizer, texts: list[str], *, shapes=SHAPES, num_wind
         "token_embedding_norm": token_norm,
     }
     return {"start_token": start, "shapes": rows, "geometry": geometry}
-
-
-@torch.no_grad()
-def read_out(model, tokenizer, chunks: list[list[int]], *, start: bool = True, batch_size: int = 64) -> list[list[int]]:
-    """Each chunk as the decoder reads it back from its vector alone: BOS, the chunk's
-    projected vector, then ``len(chunk)`` greedy tokens.  Returns ``[[len(chunk)]]``."""
-    from tqdm import tqdm
-
-    pid = model.refrag_config.placeholder_token_id
-    embed = model.get_input_embeddings()
-    out: list[list[int]] = []
-    for i in tqdm(range(0, len(chunks), batch_size), desc="reading chunks out", unit="batch", leave=False):
-        batch = chunks[i : i + batch_size]
-        # Every prompt is [BOS] + one vector: the same length, so no padding.
-        prompts = [context_sample(tokenizer, pid, c, [], len(c), num_targets=0, start=start).prompt for c in batch]
-        inputs_embeds, _ = model.embed_prompts(prompts)
-        step = model(inputs_embeds=inputs_embeds, use_cache=True)
-        tokens = [step.logits[:, -1].argmax(-1)]
-        while len(tokens) < max(map(len, batch)):  # no forward pass after the last token
-            step = model(inputs_embeds=embed(tokens[-1][:, None]), past_key_values=step.past_key_values, use_cache=True)
-            tokens.append(step.logits[:, -1].argmax(-1))
-        decoded = torch.stack(tokens, 1).tolist()
-        out += [d[: len(c)] for d, c in zip(decoded, batch)]
-    return out
 
 
 READOUT = "Read-out context"

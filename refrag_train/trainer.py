@@ -36,6 +36,7 @@ from refrag_vllm.config import MODALITY
 from refrag_vllm.reference import RefragReferenceModel
 
 from .model import TrainingModel
+from .samples import context_sample
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -272,6 +273,32 @@ def vector_loss(model: TrainingModel, samples, contrastive_weight: float = 0.0,
         return loss, {}
     contrastive = chunk_contrastive_loss(model, sample_items(samples), projected, temperature)
     return loss + contrastive_weight * contrastive, {"nll": loss.item(), "contrastive": contrastive.item()}
+
+
+@torch.no_grad()
+def read_out(model, tokenizer, chunks: list[list[int]], *, start: bool = True, batch_size: int = 64,
+             progress: bool = True) -> list[list[int]]:
+    """Each chunk as the decoder reads it back from its vector alone: BOS, the chunk's
+    projected vector, then ``len(chunk)`` greedy tokens.  Returns ``[[len(chunk)]]``.
+
+    ``model``: a ``RefragReferenceModel`` (its decoder reads back its own vectors)."""
+    pid = model.refrag_config.placeholder_token_id
+    embed = model.get_input_embeddings()
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(chunks), batch_size), desc="reading chunks out", unit="batch", leave=False,
+                  disable=not progress):
+        batch = chunks[i : i + batch_size]
+        # Every prompt is [BOS] + one vector: the same length, so no padding.
+        prompts = [context_sample(tokenizer, pid, c, [], len(c), num_targets=0, start=start).prompt for c in batch]
+        inputs_embeds, _ = model.embed_prompts(prompts)
+        step = model(inputs_embeds=inputs_embeds, use_cache=True)
+        tokens = [step.logits[:, -1].argmax(-1)]
+        while len(tokens) < max(map(len, batch)):  # no forward pass after the last token
+            step = model(inputs_embeds=embed(tokens[-1][:, None]), past_key_values=step.past_key_values, use_cache=True)
+            tokens.append(step.logits[:, -1].argmax(-1))
+        decoded = torch.stack(tokens, 1).tolist()
+        out += [d[: len(c)] for d, c in zip(decoded, batch)]
+    return out
 
 
 def distill_loss(refrag: RefragReferenceModel, teacher: RefragReferenceModel, samples) -> torch.Tensor:

@@ -475,6 +475,64 @@ def test_prepare_fortunes_groups_categories_and_splits_by_hash(tmp_path):
     assert manifest["splits"]["train"]["docs"] + manifest["splits"]["heldout"]["docs"] == 3
 
 
+AUSTEN = {  # the package's layout: a vector of hard-wrapped lines per novel, "" between paragraphs
+    "emma": ["EMMA", "", "By Jane Austen", "", "VOLUME I", "", "CHAPTER I", "",
+             "Emma Woodhouse, handsome, clever, and rich, with a comfortable home", "and happy disposition.",
+             "", "She was the youngest of the two daughters.", "", "", "CHAPTER II", "",
+             "Mr. Weston was a native of Highbury."],
+    "persuasion": ["Persuasion", "", "", "Chapter 1", "", "Sir Walter Elliot, of Kellynch Hall."],
+}
+
+
+def _write_r_lazy_load_db(folder, objects: dict) -> None:
+    """R's lazy-load database as the package installs it: ``Rdata.rdb``, each object a 4-byte
+    length and a zlib stream of R's XDR serialization, and ``Rdata.rdx`` (gzip), the index of
+    (offset, length) by name; written with the ``rdata`` library the reader uses."""
+    import gzip
+    import struct
+    import zlib
+
+    import numpy as np
+    import rdata
+
+    def serialize(obj) -> bytes:
+        return rdata.unparser.unparse_data(rdata.conversion.convert_python_to_r_data(obj))
+
+    db, variables = b"", {}
+    for name, lines in objects.items():
+        raw = serialize(np.array(lines))
+        blob = struct.pack(">I", len(raw)) + zlib.compress(raw)
+        variables[name] = np.array([len(db), len(blob)], dtype=np.int32)
+        db += blob
+    (folder / "Rdata.rdb").write_bytes(db)
+    (folder / "Rdata.rdx").write_bytes(gzip.compress(serialize(
+        {"variables": variables, "references": {}, "compressed": True})))
+
+
+def test_prepare_austen_reads_the_r_database_into_chapters_of_paragraphs(tmp_path):
+    from refrag_train.data.austen import prepare_austen, read_novels
+
+    source = tmp_path / "janeaustenr"
+    source.mkdir()
+    _write_r_lazy_load_db(source, AUSTEN)
+    assert read_novels(source) == AUSTEN
+    manifest = prepare_austen(tmp_path / "out", source, heldout_fraction=0.5)
+    docs = {d["id"]: d["text"] for split in ("train", "heldout")
+            for d in read_jsonl(tmp_path / "out" / f"{split}.jsonl", ("id", "text"))}
+    # front matter dropped; wrapped lines joined into paragraphs; a chapter keeps its heading
+    assert docs == {
+        "austen/emma/0": "CHAPTER I\n\nEmma Woodhouse, handsome, clever, and rich, with a comfortable home "
+                         "and happy disposition.\n\nShe was the youngest of the two daughters.",
+        "austen/emma/1": "CHAPTER II\n\nMr. Weston was a native of Highbury.",
+        "austen/persuasion/0": "Chapter 1\n\nSir Walter Elliot, of Kellynch Hall.",
+    }
+    heldout = {d["id"] for d in read_jsonl(tmp_path / "out" / "heldout.jsonl", ("id", "text"))}
+    assert heldout == {i for i in docs if is_heldout(i, 0.5)}
+    assert manifest["splits"]["train"]["docs"] + manifest["splits"]["heldout"]["docs"] == 3
+    with pytest.raises(FileNotFoundError, match="r-cran-janeaustenr"):
+        read_novels(tmp_path / "missing")
+
+
 BIBLE_OUTPUT = (  # the `bible -l1000 Gen1:1-Rev22:21` layout: a heading per chapter, numbered verses
     "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"
     "  2 And the earth was without form, and void.\n\nGenesis 2\n\n"

@@ -392,6 +392,60 @@ def test_reconstruction_measures_the_standardizing_projectors_statistics(tiny_cf
     assert torch.allclose(merged.projector.input_mean.float(), mean)
 
 
+def test_cpt_readout_teacher_reads_the_chunks_back_from_their_vectors(tiny_cfg, base_ckpt, tmp_path):
+    """distill_teacher = "readout": the teacher's context is each compressed chunk as the model
+    reads it back from its vector (its raw chunks kept); "raw" keeps the context's own tokens,
+    from the same draws; any other teacher is refused."""
+    import dataclasses
+
+    from refrag_train import cpt
+    from refrag_train.samples import split_chunks
+    from refrag_train.trainer import read_out
+
+    def batch(teacher: str):
+        cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(
+            tiny_cfg.cpt, distill_weight=1.0, distill_teacher=teacher, reconstruction_fraction=0.0,
+            plain_fraction=0.0, mixed_fraction=1.0, expand_fraction=0.5))
+        model = _model(cfg, base_ckpt)
+        steps = cpt.plan(model)
+        step = max(range(len(steps)), key=lambda i: steps[i].num_chunks)
+        return model, steps[step], cpt.make_batch(model, _corpus(model), steps, step)
+
+    model, b, readout = batch("readout")
+    _, _, raw = batch("raw")
+    assert not readout["reconstruction"] and len(readout["paragraph"]) == len(raw["paragraph"]) > 0
+    k, s = b.chunk_size, b.num_chunks * b.chunk_size
+    assert b.num_chunks >= 2
+    drawn = []  # (the raw context's chunks, which are compressed) per sample, in the batch's order
+    for ours, theirs in zip(readout["paragraph"], raw["paragraph"]):
+        # the student's sample is the same draw
+        assert ours.prompt["prompt_token_ids"] == theirs.prompt["prompt_token_ids"]
+        assert [item.texts for item in ours.prompt["multi_modal_data"]["refrag_chunk"]] == \
+            [item.texts for item in theirs.prompt["multi_modal_data"]["refrag_chunk"]]
+        chunks = split_chunks(theirs.teacher_prompt["prompt_token_ids"][1 : 1 + s], k)
+        student, i, compressed = ours.prompt["prompt_token_ids"], 1, []
+        for j in range(len(chunks)):  # after BOS: a placeholder per compressed chunk, k tokens per raw one
+            if student[i] == model.placeholder_id:
+                compressed.append(j)
+                i += 1
+            else:
+                assert student[i : i + k] == chunks[j]
+                i += k
+        assert sum(item.num_chunks for item in ours.prompt["multi_modal_data"]["refrag_chunk"]) == len(compressed) > 0
+        drawn.append((chunks, compressed))
+    # one read-out of every compressed chunk, batched as training batches it
+    back = iter(read_out(model.refrag, model.tokenizer, [chunks[j] for chunks, compressed in drawn for j in compressed]))
+    for (chunks, compressed), ours, theirs in zip(drawn, readout["paragraph"], raw["paragraph"]):
+        expected = [t for j, c in enumerate(chunks) for t in (next(back) if j in compressed else c)]
+        ids, taught = theirs.teacher_prompt["prompt_token_ids"], ours.teacher_prompt["prompt_token_ids"]
+        assert taught[0] == ids[0] and taught[1 : 1 + s] == expected and taught[1 + s :] == ids[1 + s :]
+        assert not ours.teacher_prompt.get("multi_modal_data")
+    with pytest.raises(ValueError, match="distill_teacher"):
+        cfg = dataclasses.replace(tiny_cfg, cpt=dataclasses.replace(tiny_cfg.cpt, distill_weight=1.0,
+                                                                      distill_teacher="vectors"))
+        cpt.train_cpt(_model(cfg, base_ckpt), None, tmp_path)
+
+
 def test_sft_replay_distillation_starts_at_zero_and_needs_a_teacher(tiny_cfg, base_ckpt, tmp_path):
     """replay_distill scores the replay samples by KL to the weights SFT started from:
     zero before the first update, positive once the model has moved."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .records import is_heldout, write_prepared
+from .records import write_hash_split
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 EXCLUDED_CATEGORIES = ("art", "ascii-art", "definitions", "translate-me")
@@ -64,16 +64,11 @@ def prepare_fortunes(out_dir: str | Path, source: str | Path = FORTUNES_DIR, *, 
     """Write ``train.jsonl``, ``heldout.jsonl`` and ``manifest.json``; returns the manifest."""
     docs = [doc for path in category_files(source)
             for doc in group_documents(path.name, read_fortunes(path), min_chars)]
-    train = [d for d in docs if not is_heldout(d["id"], heldout_fraction, seed)]
-    heldout = [d for d in docs if is_heldout(d["id"], heldout_fraction, seed)]
-    return write_prepared(out_dir, {"train": train, "heldout": heldout}, {
+    return write_hash_split(out_dir, docs, {
         "domain": "fortunes",
         "source": str(source),
-        "seed": seed,
-        "splits": {name: {"docs": len(split), "chars": sum(len(d["text"]) for d in split)}
-                   for name, split in (("train", train), ("heldout", heldout))},
         "excluded_categories": list(EXCLUDED_CATEGORIES),
         "selection": f"every category file but the excluded ones; consecutive fortunes joined into documents "
                      f"of >= {min_chars} characters; a document is held out when its id's hash falls below "
                      f"{heldout_fraction}",
-    })
+    }, heldout_fraction=heldout_fraction, seed=seed)

@@ -108,6 +108,20 @@ def write_prepared(out_dir: str | Path, files: dict[str, list[dict]], manifest: 
     return manifest
 
 
+def write_hash_split(out_dir: str | Path, docs: list[dict], manifest: dict, *, heldout_fraction: float,
+                     seed: int = 0) -> dict:
+    """Training prose: ``docs`` (``{"id", "text"}``) split by :func:`is_heldout` into
+    ``train.jsonl`` and ``heldout.jsonl``; ``manifest`` gains ``seed`` and each split's size."""
+    heldout = [is_heldout(d["id"], heldout_fraction, seed) for d in docs]
+    splits = {"train": [d for d, h in zip(docs, heldout) if not h],
+              "heldout": [d for d, h in zip(docs, heldout) if h]}
+    return write_prepared(out_dir, splits, {
+        **manifest, "seed": seed,
+        "splits": {name: {"docs": len(split), "chars": sum(len(d["text"]) for d in split)}
+                   for name, split in splits.items()},
+    })
+
+
 def load_documents(path: str | Path) -> list[Document]:
     """Documents from a ``train.jsonl`` / ``heldout.jsonl`` file."""
     return [Document(r["id"], r["text"]) for r in read_jsonl(path, ("id", "text"))]
