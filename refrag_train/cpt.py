@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .curriculum import curriculum_batches
 from .model import DECODER_LORA, TrainingModel, learning_groups
-from .samples import Sample, TokenCorpus, context_sample, random_expansion, reconstruction_sample, split_chunks
+from .samples import (Sample, TokenCorpus, context_sample, lm_sample, random_expansion, reconstruction_sample,
+                      split_chunks)
 from .trainer import Stage, distill_loss, nll_loss, read_out, step_rng
 
 NAME = "cpt"
@@ -68,8 +69,8 @@ def paragraph_sample(model: TrainingModel, context: list[int], continuation: lis
     start = model.cfg.run.bos_first
     sample = context_sample(model.tokenizer, model.placeholder_id, context, continuation, k, expand, start=start)
     if teacher_context is not None:
-        raw = context_sample(model.tokenizer, model.placeholder_id, teacher_context, continuation, k,
-                             range(len(split_chunks(teacher_context, k))), start=start)
+        raw = lm_sample(model.tokenizer, model.placeholder_id, list(teacher_context) + list(continuation),
+                        len(continuation), start)
         sample = dataclasses.replace(sample, teacher_prompt=raw.prompt)
     return sample
 

@@ -21,7 +21,7 @@ import re
 import zlib
 from pathlib import Path
 
-from .records import write_hash_split
+from .records import unwrap_paragraphs, write_hash_split
 
 AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
 _CHAPTER = re.compile(r"^\s*chapter\s+([ivxlc]+|\d+)\b\.?", re.IGNORECASE)
@@ -62,18 +62,8 @@ def chapters(lines: list[str]) -> list[str]:
             current = []
             found.append(current)
         if current is not None:
-            current.append(line.strip())
-    texts = []
-    for chapter in found:
-        paragraphs, words = [], []
-        for line in chapter + [""]:
-            if line:
-                words.append(line)
-            elif words:
-                paragraphs.append(" ".join(words))
-                words = []
-        texts.append("\n\n".join(paragraphs))
-    return texts
+            current.append(line)
+    return ["\n\n".join(unwrap_paragraphs(chapter)) for chapter in found]
 
 
 def prepare_austen(out_dir: str | Path, source: str | Path = AUSTEN_DIR, *, heldout_fraction: float = 0.1,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .records import write_prepared
+from .records import unwrap_paragraphs, write_prepared
 
 GCIDE_DIR = Path("/usr/share/dictd")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -69,19 +69,7 @@ def read_entries(source: str | Path = GCIDE_DIR) -> list[tuple[str, str]]:
 def clean_entry(raw: str) -> str:
     """A raw entry -> readable text: source tags and pronunciations dropped, links
     unwrapped, each paragraph on one line."""
-    paragraphs, current = [], []
-    for line in raw.splitlines():
-        if _SOURCE_TAG.match(line):
-            continue
-        if not line.strip():
-            if current:
-                paragraphs.append(" ".join(current))
-                current = []
-            continue
-        current.append(line.strip())
-    if current:
-        paragraphs.append(" ".join(current))
-    text = "\n".join(paragraphs)
+    text = "\n".join(unwrap_paragraphs(line for line in raw.splitlines() if not _SOURCE_TAG.match(line)))
     text = _PRONUNCIATION.sub("", text)
     text = _LINK.sub(r"\1", text)
     return re.sub(r"[ \t]+", " ", text).strip()

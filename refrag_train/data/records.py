@@ -108,6 +108,19 @@ def write_prepared(out_dir: str | Path, files: dict[str, list[dict]], manifest: 
     return manifest
 
 
+def unwrap_paragraphs(lines: Iterable[str]) -> list[str]:
+    """Hard-wrapped text -> paragraphs: each run of non-blank lines, stripped and joined
+    with spaces; blank lines end a paragraph."""
+    paragraphs, current = [], []
+    for line in [*lines, ""]:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    return paragraphs
+
+
 def write_hash_split(out_dir: str | Path, docs: list[dict], manifest: dict, *, heldout_fraction: float,
                      seed: int = 0) -> dict:
     """Training prose: ``docs`` (``{"id", "text"}``) split by :func:`is_heldout` into
