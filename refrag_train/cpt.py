@@ -41,13 +41,12 @@ def plan(model: TrainingModel):
 
 
 def next_paragraph_sample(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
-                          rng: random.Random, with_teacher: bool = False) -> Sample:
+                          rng: random.Random) -> Sample:
     """One CPT sample: ``num_chunks * k`` context tokens compressed (with probability
     ``mixed_fraction`` a random p of the chunks stay raw), then the o tokens to predict
-    (``num_chunks = 0``: BOS, then the o tokens).
-    ``with_teacher``: its ``teacher_prompt`` holds the same context as raw tokens."""
+    (``num_chunks = 0``: BOS, then the o tokens)."""
     context, continuation, expand = draw_paragraph(model, corpus, num_chunks, k, rng)
-    return paragraph_sample(model, context, continuation, k, expand, context if with_teacher else None)
+    return paragraph_sample(model, context, continuation, k, expand)
 
 
 def draw_paragraph(model: TrainingModel, corpus: TokenCorpus, num_chunks: int, k: int,
